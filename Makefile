@@ -1,0 +1,35 @@
+# Two entry points, each working on a fresh clone:
+#   make demo   install into .venv and run the main job
+#   make test   install into .venv and run the whole test suite
+# The CPU build of torch is pinned; on a machine with a GPU pass e.g.
+#   make test TORCH_SPEC="torch==2.11.0 --index-url https://download.pytorch.org/whl/cu130"
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_SPEC ?= torch==2.13.0
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test bench install clean
+
+$(STAMP): setup.py requirements/test.txt $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*.cu csrc/cuda/*.cuh)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet $(TORCH_SPEC)
+	$(PY) -m pip install --quiet -r requirements/test.txt
+	$(PY) -m pip install --quiet --no-build-isolation -e .
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m benchmarks.report
+
+# COTS_TEST_STRICT turns "extension not built" / "Triton missing" skips into failures.
+test: $(STAMP)
+	COTS_TEST_STRICT=1 $(PY) -m pytest -q tests
+
+bench: $(STAMP)
+	$(PY) -m pytest -q benchmarks --benchmark-only
+
+clean:
+	rm -rf $(VENV) build *.egg-info cots_kernels/_C*.so

@@ -1,0 +1,19 @@
+"""cots-kernels: fused kernels for two-stream vision-language retrieval training (COTS).
+
+Public ops (each with a plain-PyTorch reference and a CPU path):
+
+- :func:`cots_contrastive_loss` / :class:`CotsContrastiveLoss`: queue InfoNCE in both
+  directions with KL alignment, never materialising the (B, Bk + Q) logits.
+"""
+
+from ._dispatch import UnsupportedInputError
+from .contrastive import ContrastiveOutput, CotsContrastiveLoss, cots_contrastive_loss
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ContrastiveOutput",
+    "CotsContrastiveLoss",
+    "UnsupportedInputError",
+    "cots_contrastive_loss",
+]
