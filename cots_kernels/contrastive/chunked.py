@@ -226,14 +226,12 @@ class _ChunkedRows(torch.autograd.Function):
         return grad_scale, grad_qi, grad_qt, grad_ki, grad_kt, None, None, None, None
 
 
-def chunked_rows(
-    problem: ContrastiveProblem, chunk_elements: int = CHUNK_ELEMENTS
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def chunked_rows(problem: ContrastiveProblem) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-row (i2t, t2i, KL) terms, each (B,) in the accumulation dtype.
 
-    ``chunk_elements`` bounds the (B, chunk) tiles: chunk = max(1, chunk_elements // B).
+    Tiles are (B, chunk) with chunk = max(1, CHUNK_ELEMENTS // B) columns.
     """
-    cols = max(1, chunk_elements // problem.batch)
+    cols = max(1, CHUNK_ELEMENTS // problem.batch)
     return _ChunkedRows.apply(
         problem.scale,
         problem.image_query,
