@@ -1,0 +1,25 @@
+"""The benchmark runners work (tiny shapes, on the CPU), so a GPU run cannot be lost
+to a bug in the measuring code."""
+
+import json
+
+from benchmarks import report
+from benchmarks.common import ReportRow
+from benchmarks.gpu import run as gpu_run
+
+
+def test_gpu_contrastive_runner_quick_on_cpu(tmp_path):
+    assert gpu_run.main(["--out", str(tmp_path), "--only", "contrastive", "--quick", "--device", "cpu"]) == 0
+    payload = json.loads((tmp_path / "gpu_contrastive.json").read_text())
+    assert payload["machine"]["torch"]
+    (case,) = payload["cases"]
+    for name in ("ours_auto", "torch_chunked", "reference"):
+        assert case["impls"][name]["forward_backward_ms"] > 0, name
+    assert case["speedup_vs_reference"] > 0
+
+
+def test_report_table_lists_every_row():
+    row = ReportRow("op", "case", "torch", 1e-8, 2e-8, True, 10.0, 20.0, 2**20, 2**24, )
+    table = report.format_table([row, row])
+    lines = table.splitlines()
+    assert len(lines) == 4 and "2.0x" in lines[2] and "16.0x" in lines[2]
