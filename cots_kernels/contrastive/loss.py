@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .. import _dispatch
-from . import chunked, reference
+from . import chunked, reference, triton_impl
 from .problem import REDUCTIONS, ContrastiveProblem, RowOptions, Temperature, validate
 
 
@@ -26,6 +26,7 @@ def _reference_why_not(problem: ContrastiveProblem, auto: bool) -> Optional[str]
 
 
 IMPLEMENTATIONS = (
+    _dispatch.Implementation("triton", triton_impl.why_not, triton_impl.triton_rows),
     _dispatch.Implementation("torch", chunked.why_not, chunked.chunked_rows),
     _dispatch.Implementation("reference", _reference_why_not, reference.reference_rows),
 )
