@@ -65,12 +65,13 @@ class _OnlineLse:
     def __init__(self, m: torch.Tensor, z: torch.Tensor, w: torch.Tensor) -> None:
         self.m, self.z, self.w = m, z, w
 
-    def add(self, x: torch.Tensor, v: torch.Tensor) -> None:
+    def add(self, x: torch.Tensor, v: torch.Tensor, sign: float = 1.0) -> None:
+        """Fold in a (B, C) tile x with values v (counted as sign * v)."""
         m_new = torch.maximum(self.m, x.amax(dim=1))
-        e = torch.exp(x - m_new[:, None])  # (B, C)
+        e = (x - m_new[:, None]).exp_()  # (B, C); in place: one temporary per call
         rescale = torch.exp(self.m - m_new)
         self.z = self.z * rescale + e.sum(dim=1)
-        self.w = self.w * rescale + (e * v).sum(dim=1)
+        self.w = self.w * rescale + sign * e.mul_(v).sum(dim=1)
         self.m = m_new
 
     def lse(self) -> torch.Tensor:
@@ -93,11 +94,13 @@ class _ChunkedRows(torch.autograd.Function):
         alpha = options.distill_alpha
         cands = _Candidates(ki, kt, Qi, Qt, acc)
         sizes = (ki.shape[0], 0 if Qi is None else Qi.shape[0])
-        qi_c, qt_c = qi.to(acc), qt.to(acc)
+        # Queries pre-multiplied by s: each logits tile is then a single matmul.
+        qi_s, qt_s = qi.to(acc) * scale, qt.to(acc) * scale  # (B, D)
         ki_pos, kt_pos = ki[o : o + batch].to(acc), kt[o : o + batch].to(acc)  # (B, D)
-        a_pos = scale * _rowdot(qi_c, kt_pos)  # (B,)
-        b_pos = scale * _rowdot(qt_c, ki_pos)
-        m_pos = scale * _rowdot(ki_pos, kt_pos)  # momentum positive, am and bm alike
+        ki_pos_s, kt_pos_s = ki_pos * scale, kt_pos * scale
+        a_pos = _rowdot(qi_s, kt_pos)  # (B,)
+        b_pos = _rowdot(qt_s, ki_pos)
+        m_pos = _rowdot(ki_pos_s, kt_pos)  # momentum positive, am and bm alike
 
         # The positive logit is a finite reference point for the running max. With
         # in-batch negatives it is counted inside the key chunks; without, it is the
@@ -111,13 +114,14 @@ class _ChunkedRows(torch.autograd.Function):
             lse_bm = _OnlineLse(m_pos, zero + counted, counted * b_pos)
         for chunk in _chunks(sizes, options.in_batch_negatives, cols):
             text, image = cands.get(chunk)
-            a = scale * (qi_c @ text.T)  # (B, C)
-            b = scale * (qt_c @ image.T)
-            lse_a.add(a, a - b)
-            lse_b.add(b, b - a)
+            a = qi_s @ text.T  # (B, C)
+            b = qt_s @ image.T
             if alpha > 0:
-                lse_am.add(scale * (ki_pos @ text.T), a)
-                lse_bm.add(scale * (kt_pos @ image.T), b)
+                lse_am.add(ki_pos_s @ text.T, a)
+                lse_bm.add(kt_pos_s @ image.T, b)
+            d = a - b
+            lse_a.add(a, d)
+            lse_b.add(b, d, sign=-1.0)
 
         A, B = lse_a.lse(), lse_b.lse()
         s_pq, s_qp = lse_a.mean(), lse_b.mean()  # sum p (a - b), sum q (b - a)
@@ -156,36 +160,42 @@ class _ChunkedRows(torch.autograd.Function):
         cands = _Candidates(ki, kt, Qi, Qt, acc)
         sizes = (ki.shape[0], 0 if Qi is None else Qi.shape[0])
         qi_c, qt_c = qi.to(acc), qt.to(acc)
+        qi_s, qt_s = qi_c * scale, qt_c * scale  # (B, D)
         ki_pos, kt_pos = ki[o : o + batch].to(acc), kt[o : o + batch].to(acc)
+        ki_pos_s, kt_pos_s = ki_pos * scale, kt_pos * scale
         dqi = torch.zeros_like(qi_c)  # (B, D), unscaled: times s at the end
         dqt = torch.zeros_like(qt_c)
         dki = torch.zeros(ki.shape, dtype=acc, device=ki.device) if want_keys else None
         dkt = torch.zeros(kt.shape, dtype=acc, device=kt.device) if want_keys else None
         ds = torch.zeros((), dtype=acc, device=scale.device)  # sum dA a + dB b
 
+        if c3 is not None:  # per-row factors of the KL gradient (see contrastive-math.md)
+            kl_pq, kl_qp = k_pq * c3, k_qp * c3
+            row_a = c1 + kl_qp - kl_pq * s_pq  # dA = p (row_a + kl_pq d) - kl_qp q
+            row_b = c2 + kl_pq - kl_qp * s_qp  # dB = q (row_b - kl_qp d) - kl_pq p
+
         def logit_grads(a, b, am, bm):
             """dA, dB of a (B, C) tile without the one-hot target term."""
-            p = torch.exp(a - A[:, None])
-            q = torch.exp(b - B[:, None])
-            dA = c1[:, None] * p
-            dB = c2[:, None] * q
+            p = (a - A[:, None]).exp_()
+            q = (b - B[:, None]).exp_()
+            if c3 is None:
+                dA, dB = p.mul_(c1[:, None]), q.mul_(c2[:, None])
+            else:
+                d = a - b
+                dA = d.mul(kl_pq[:, None]).add_(row_a[:, None]).mul_(p)
+                dB = d.mul_(-kl_qp[:, None]).add_(row_b[:, None]).mul_(q)
+                dA.addcmul_(q, kl_qp[:, None], value=-1.0)
+                dB.addcmul_(p, kl_pq[:, None], value=-1.0)
             if alpha > 0:
-                dA = dA - (alpha * c1)[:, None] * torch.exp(am - Am[:, None])
-                dB = dB - (alpha * c2)[:, None] * torch.exp(bm - Bm[:, None])
-            if c3 is not None:
-                if k_pq:
-                    dA = dA + (k_pq * c3)[:, None] * p * ((a - b) - s_pq[:, None])
-                    dB = dB + (k_pq * c3)[:, None] * (q - p)
-                if k_qp:
-                    dB = dB + (k_qp * c3)[:, None] * q * ((b - a) - s_qp[:, None])
-                    dA = dA + (k_qp * c3)[:, None] * (p - q)
+                dA.addcmul_((am - Am[:, None]).exp_(), (alpha * c1)[:, None], value=-1.0)
+                dB.addcmul_((bm - Bm[:, None]).exp_(), (alpha * c2)[:, None], value=-1.0)
             return dA, dB
 
         rows = torch.arange(batch, device=qi.device)
         if not options.in_batch_negatives:  # the positive is the only key column
-            a_pos = scale * _rowdot(qi_c, kt_pos)
-            b_pos = scale * _rowdot(qt_c, ki_pos)
-            m_pos = scale * _rowdot(ki_pos, kt_pos)
+            a_pos = _rowdot(qi_s, kt_pos)
+            b_pos = _rowdot(qt_s, ki_pos)
+            m_pos = _rowdot(ki_pos_s, kt_pos)
             dA, dB = logit_grads(a_pos[:, None], b_pos[:, None], m_pos[:, None], m_pos[:, None])
             dA = dA[:, 0] - (1 - alpha) * c1  # one-hot target
             dB = dB[:, 0] - (1 - alpha) * c2
@@ -198,12 +208,12 @@ class _ChunkedRows(torch.autograd.Function):
 
         for chunk in _chunks(sizes, options.in_batch_negatives, ctx.cols):
             text, image = cands.get(chunk)
-            a = scale * (qi_c @ text.T)  # (B, C)
-            b = scale * (qt_c @ image.T)
+            a = qi_s @ text.T  # (B, C)
+            b = qt_s @ image.T
             am = bm = None
             if alpha > 0:
-                am = scale * (ki_pos @ text.T)
-                bm = scale * (kt_pos @ image.T)
+                am = ki_pos_s @ text.T
+                bm = kt_pos_s @ image.T
             dA, dB = logit_grads(a, b, am, bm)
             if chunk.is_keys:  # one-hot target at column o + r, where it falls in this chunk
                 col = o + rows - chunk.start
@@ -211,9 +221,9 @@ class _ChunkedRows(torch.autograd.Function):
                 r, c = rows[inside], col[inside]
                 dA[r, c] -= (1 - alpha) * c1[r]
                 dB[r, c] -= (1 - alpha) * c2[r]
-            dqi += dA @ text
-            dqt += dB @ image
-            ds += (dA * a).sum() + (dB * b).sum()
+            dqi.addmm_(dA, text)
+            dqt.addmm_(dB, image)
+            ds += torch.dot(dA.view(-1), a.view(-1)) + torch.dot(dB.view(-1), b.view(-1))
             if want_keys and chunk.is_keys:
                 dkt[chunk.start : chunk.stop] += dA.T @ qi_c
                 dki[chunk.start : chunk.stop] += dB.T @ qt_c
