@@ -13,6 +13,7 @@ Nothing is downloaded at build time; torch must already be installed, so install
 
 import glob
 import os
+import sys
 
 from setuptools import find_packages, setup
 
@@ -43,6 +44,12 @@ def _extensions():
     use_cuda = bool(cuda_sources) and (mode == "1" or (mode == "auto" and have_cuda))
 
     cxx_flags = ["-O3", "-std=c++17"]
+    link_flags = []
+    if sys.platform.startswith("linux"):
+        # at::parallel_for is inline in ATen's headers: without OpenMP at our compile it
+        # runs on one thread (the fp32 momentum update took 58 ms instead of 48 ms on 2 cores).
+        cxx_flags.append("-fopenmp")
+        link_flags.append("-fopenmp")
     if use_cuda:
         ext = cpp_extension.CUDAExtension(
             "cots_kernels._C",
@@ -50,12 +57,14 @@ def _extensions():
             define_macros=[("COTS_WITH_CUDA", "1")],
             extra_compile_args={
                 "cxx": cxx_flags,
-                "nvcc": ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"],
+                "nvcc": ["-O3", "-std=c++17", "-lineinfo"],
             },
+            extra_link_args=link_flags,
         )
     else:
         ext = cpp_extension.CppExtension(
-            "cots_kernels._C", cpu_sources, extra_compile_args={"cxx": cxx_flags}
+            "cots_kernels._C", cpu_sources, extra_compile_args={"cxx": cxx_flags},
+            extra_link_args=link_flags,
         )
     build = cpp_extension.BuildExtension.with_options(use_ninja=True)
     return [ext], {"build_ext": build}

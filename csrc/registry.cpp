@@ -5,6 +5,7 @@ namespace cots {
 
 void register_all(pybind11::module& m) {
   (void)m;
+  register_momentum(m);
 }
 
 }  // namespace cots

@@ -7,5 +7,6 @@
 namespace cots {
 
 void register_all(pybind11::module& m);
+void register_momentum(pybind11::module& m);
 
 }  // namespace cots

@@ -1,0 +1,14 @@
+"""The momentum machinery: the fused in-place EMA update and the momentum encoder."""
+
+from .encoder import MomentumEncoder
+from .reference import naive_momentum_update_
+from .schedule import MomentumSchedule
+from .update import IMPLEMENTATIONS, momentum_update_
+
+__all__ = [
+    "IMPLEMENTATIONS",
+    "MomentumEncoder",
+    "MomentumSchedule",
+    "momentum_update_",
+    "naive_momentum_update_",
+]

@@ -1,0 +1,1 @@
+"""Tests of the momentum machinery: EMA update, momentum encoder, queues, AMF."""
