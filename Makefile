@@ -28,8 +28,12 @@ demo: $(STAMP)
 test: $(STAMP)
 	COTS_TEST_STRICT=1 $(PY) -m pytest -q tests
 
+# One pytest-benchmark JSON per op suite: benchmarks/results/cpu_<op>.json.
 bench: $(STAMP)
-	$(PY) -m pytest -q benchmarks --benchmark-only
+	for suite in benchmarks/test_*_cpu.py; do \
+	  op=$${suite#benchmarks/test_}; op=$${op%_cpu.py}; \
+	  $(PY) -m pytest -q $$suite --benchmark-only --benchmark-json=benchmarks/results/cpu_$$op.json || exit 1; \
+	done
 
 clean:
 	rm -rf $(VENV) build *.egg-info cots_kernels/_C*.so
