@@ -242,14 +242,4 @@ def chunked_rows(problem: ContrastiveProblem) -> tuple[torch.Tensor, torch.Tenso
     Tiles are (B, chunk) with chunk = max(1, CHUNK_ELEMENTS // B) columns.
     """
     cols = max(1, CHUNK_ELEMENTS // problem.batch)
-    return _ChunkedRows.apply(
-        problem.scale,
-        problem.image_query,
-        problem.text_query,
-        problem.image_keys,
-        problem.text_keys,
-        problem.image_queue,
-        problem.text_queue,
-        problem.options,
-        cols,
-    )
+    return _ChunkedRows.apply(*problem.autograd_inputs(), problem.options, cols)

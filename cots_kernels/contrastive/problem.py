@@ -100,6 +100,11 @@ class ContrastiveProblem:
     def keys_need_grad(self) -> bool:
         return self.image_keys.requires_grad or self.text_keys.requires_grad
 
+    def autograd_inputs(self) -> tuple[Optional[torch.Tensor], ...]:
+        """(scale, image_query, text_query, image_keys, text_keys, image_queue, text_queue):
+        the tensor arguments, in order, of every implementation's autograd.Function."""
+        return (self.scale, *self.tensors())
+
     def tensors(self) -> tuple[Optional[torch.Tensor], ...]:
         return (
             self.image_query,

@@ -448,14 +448,4 @@ def triton_rows(
     keys. ``overrides`` forces launch settings; the result does not depend on them beyond
     rounding.
     """
-    return _TritonRows.apply(
-        problem.scale,
-        problem.image_query,
-        problem.text_query,
-        problem.image_keys,
-        problem.text_keys,
-        problem.image_queue,
-        problem.text_queue,
-        problem.options,
-        overrides,
-    )
+    return _TritonRows.apply(*problem.autograd_inputs(), problem.options, overrides)
