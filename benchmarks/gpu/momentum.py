@@ -90,7 +90,6 @@ def _bench_update(
             "max_abs_diff_vs_naive": error,
             "peak_bytes": peak_bytes(fn, device),
         }
-    del ms, ps, starts, expected
     return {"config": name, "bytes_per_update": nbytes, "results": results}
 
 
