@@ -23,7 +23,12 @@ import torch
 
 from benchmarks.common import ReportRow, machine_info
 
-SECTIONS = ["benchmarks.report_contrastive", "benchmarks.report_momentum", "benchmarks.report_attention"]
+SECTIONS = [
+    "benchmarks.report_contrastive",
+    "benchmarks.report_momentum",
+    "benchmarks.report_attention",
+    "benchmarks.report_linear_ce",
+]
 
 
 def _mib(n) -> str:

@@ -10,11 +10,14 @@ Public ops (each with a plain-PyTorch reference and a CPU path):
 - :class:`AdaptiveMomentumFilter`: per-pair weights dropping noisy pairs.
 - :func:`attention` / :class:`SelfAttention`: attention with key padding masks, (B, H, L, d)
   like ``F.scaled_dot_product_attention``; rows that see no key give zeros.
+- :func:`linear_cross_entropy` / :class:`LinearCrossEntropy`: ``F.cross_entropy`` of a
+  classifier head (hidden @ weight.T + bias) without materialising the (N, V) logits.
 """
 
 from ._dispatch import UnsupportedInputError
 from .contrastive import ContrastiveOutput, CotsContrastiveLoss, cots_contrastive_loss
 from .filtering import AdaptiveMomentumFilter
+from .linear_ce import LinearCrossEntropy, linear_cross_entropy
 from .mha import SelfAttention, attention
 from .momentum import MomentumEncoder, MomentumSchedule, momentum_update_
 from .queues import PairedQueue
@@ -25,6 +28,7 @@ __all__ = [
     "AdaptiveMomentumFilter",
     "ContrastiveOutput",
     "CotsContrastiveLoss",
+    "LinearCrossEntropy",
     "MomentumEncoder",
     "MomentumSchedule",
     "PairedQueue",
@@ -32,5 +36,6 @@ __all__ = [
     "UnsupportedInputError",
     "attention",
     "cots_contrastive_loss",
+    "linear_cross_entropy",
     "momentum_update_",
 ]

@@ -1,0 +1,139 @@
+"""Public API of fused linear cross-entropy: dispatch, the function and the module form."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .. import _dispatch, _triton_utils
+from . import chunked, reference
+from .problem import LinearCEProblem, Options, check_options, reduce_rows, validate
+
+
+def _triton_why_not(problem: LinearCEProblem, auto: bool) -> Optional[str]:
+    reason = _triton_utils.why_not_triton(problem.hidden, auto=auto)
+    if reason is not None:
+        return reason
+    from . import triton_impl  # imports Triton: deferred until a Triton device is in play
+
+    return triton_impl.why_not(problem, auto)
+
+
+def _triton_run(problem: LinearCEProblem) -> torch.Tensor:
+    from . import triton_impl
+
+    rows = triton_impl.triton_rows(problem)
+    return reduce_rows(rows, problem.targets != problem.options.ignore_index, problem.options.reduction)
+
+
+IMPLEMENTATIONS = (
+    _dispatch.Implementation("triton", _triton_why_not, _triton_run),
+    _dispatch.Implementation("torch", chunked.why_not, chunked.chunked_loss),
+    _dispatch.Implementation("reference", reference.why_not, reference.reference_loss),
+)
+"""Implementations in order of preference for ``impl="auto"``."""
+
+
+def linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    *,
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    reduction: str = "mean",
+    impl: str = "auto",
+    check_targets: bool = True,
+) -> torch.Tensor:
+    """``F.cross_entropy(hidden @ weight.T + bias, targets, ...)`` without the logits.
+
+    Outside ``impl="reference"`` the (N, V) logits and their gradient never exist in
+    memory: the Triton kernels recompute logits tiles from hidden and weight, the torch
+    path holds one chunk of rows at a time.
+
+    Arguments:
+        hidden: (N, D) features, e.g. the masked positions of a transformer's output
+            (flatten (B, L, D) and select rows first). N may be 0.
+        weight: (V, D) classifier weight, as ``nn.Linear(D, V).weight``; the same
+            floating dtype (float16, bfloat16, float32; float64 except on Triton) and
+            device as ``hidden``; any strides.
+        targets: (N,) int64 or int32 class indices in [0, V), or ``ignore_index``.
+        bias: (V,) classifier bias in the same dtype, or None.
+        ignore_index: target value of rows that contribute 0 and get no gradient.
+        label_smoothing: eps in [0, 1]; targets become (1 - eps) one-hot + eps / V, as
+            in ``F.cross_entropy``.
+        reduction: "none" ((N,), 0 on ignored rows), "sum", or "mean" over the
+            non-ignored rows. As in PyTorch, "mean" of a batch whose rows are all
+            ignored is NaN (with zero gradients) and "sum" is 0.
+        impl: "auto" (Triton on CUDA, else the chunked PyTorch path), "triton", "torch"
+            or "reference" (materialised logits; the test oracle).
+        check_targets: check that every target is in [0, V) or ``ignore_index``: a
+            host-side check raising ValueError on a CPU, an asynchronous device assertion
+            (no host sync) on an accelerator. With False, an out-of-range target gives
+            PyTorch's indexing error on the torch and reference paths and an undefined
+            loss on Triton (whose kernels never read out of bounds).
+
+    Returns:
+        The loss in float32 for float16/bfloat16/float32 inputs (float64 for float64):
+        the logits are accumulated in float32 and so is the loss, as cut-cross-entropy
+        does, where ``F.cross_entropy`` on half logits would return a half loss.
+        Gradients of hidden, weight and bias come back in their own dtypes, computed
+        only for those that require grad. Autocast does not change the computation:
+        cast the inputs to the dtype you want (bf16 under bf16 autocast) before the call.
+
+    Raises:
+        TypeError, ValueError: bad input, naming the argument (see ``problem.validate``).
+        cots_kernels.UnsupportedInputError: an explicit ``impl`` cannot run the input.
+    """
+    options = Options(ignore_index, label_smoothing, reduction)
+    problem = validate(hidden, weight, targets, bias, options, check_targets=check_targets)
+    implementation = _dispatch.choose(IMPLEMENTATIONS, impl, problem, "linear_cross_entropy")
+    # The inputs' dtypes are the op's contract (validate checks they agree); autocast
+    # would re-cast the torch path's chunk matmuls behind its back (a bf16 logit
+    # chunk meeting a float32 update), so it is off inside the op, as for any fused op.
+    with torch.autocast(hidden.device.type, enabled=False):
+        return implementation.run(problem)
+
+
+class LinearCrossEntropy(nn.Module):
+    """Module form of :func:`linear_cross_entropy`: holds the options, not the weight.
+
+    ``forward(hidden, weight, targets, bias=None)``, with the classifier's parameters
+    passed in (``head.weight``, ``head.bias`` of the layer that would produce the
+    logits), so a model keeps its ``nn.Linear`` and its state dict.
+
+    Args:
+        ignore_index, label_smoothing, reduction, impl, check_targets: as in
+            :func:`linear_cross_entropy`.
+    """
+
+    def __init__(
+        self,
+        *,
+        ignore_index: int = -100,
+        label_smoothing: float = 0.0,
+        reduction: str = "mean",
+        impl: str = "auto",
+        check_targets: bool = True,
+    ) -> None:
+        super().__init__()
+        check_options(Options(ignore_index, label_smoothing, reduction))  # fail at construction
+        self.options = dict(
+            ignore_index=ignore_index,
+            label_smoothing=label_smoothing,
+            reduction=reduction,
+            impl=impl,
+            check_targets=check_targets,
+        )
+
+    def forward(
+        self, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, bias: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
+        """Shapes as in :func:`linear_cross_entropy`."""
+        return linear_cross_entropy(hidden, weight, targets, bias, **self.options)
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.options.items())

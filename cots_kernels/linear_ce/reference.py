@@ -1,0 +1,35 @@
+"""The materialised PyTorch formula of linear cross-entropy: the oracle.
+
+Builds the full (N, V) logits with ``F.linear`` in the inputs' dtype (what a model does
+under autocast), upcasts them to the accumulation dtype and calls ``F.cross_entropy``.
+Tests compare every other implementation against it (in float64 as ground truth) and
+benchmarks measure against it. Autograd provides all gradients.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from .problem import LinearCEProblem
+
+
+def why_not(problem: LinearCEProblem, auto: bool) -> Optional[str]:
+    if auto:
+        return "the reference materialises the (N, V) logits; it runs only when asked for"
+    return None
+
+
+def reference_loss(problem: LinearCEProblem) -> torch.Tensor:
+    """The reduced loss in the accumulation dtype (float32, or float64 for float64 inputs)."""
+    opts = problem.options
+    logits = F.linear(problem.hidden, problem.weight, problem.bias)  # (N, V), input dtype
+    return F.cross_entropy(
+        logits.to(problem.acc_dtype),
+        problem.targets.long(),
+        ignore_index=opts.ignore_index,
+        reduction=opts.reduction,
+        label_smoothing=opts.label_smoothing,
+    )

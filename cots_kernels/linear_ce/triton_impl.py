@@ -1,0 +1,366 @@
+"""Fused Triton implementation of linear cross-entropy (``impl="triton"``).
+
+Same semantics as :mod:`.reference` (the formulas are in :mod:`.problem`), in three
+kernels from :mod:`.triton_kernels`:
+
+- Forward: a grid of (row blocks, vocab splits). Each program walks its split's vocab
+  tiles, recomputing each logits tile from hidden and weight (float32 accumulation), and
+  keeps per row the online log-sum-exp statistics, the target logit and, with label
+  smoothing, the sum of the logits. A torch merge over the (splits, N) partials rescales
+  each split's sum by exp(m_split - m_total) and adds, which is exact. Only the per-row
+  log-sum-exp (N,) float32 is saved for backward.
+- Backward, hidden: the same grid recomputes the logits, forms
+  dz = g_i (softmax - (1 - eps) one-hot - eps / V) per tile and adds dz @ weight into a
+  per-split float32 partial (splits, N, D), reduced with ``torch.sum``.
+- Backward, weight and bias: a persistent grid over vocab blocks recomputes the logits of
+  all rows for its block and sums dz.T @ hidden in a per-program float32 scratch, written
+  once in the weight's dtype.
+
+No atomics: the gradients are bitwise reproducible. The logits are recomputed twice in
+backward (once per gradient kernel), the price of that determinism: an atomic design
+would share one recomputation between d hidden and d weight.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from dataclasses import dataclass
+from typing import ContextManager, Optional
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from .. import _triton_utils
+from .problem import LinearCEProblem, Options
+
+if _triton_utils.TRITON_INSTALLED:
+    from . import triton_kernels as kernels
+
+# tl.dot precision for float32 operands (half operands ignore it): three TF32 products
+# keep about float32 accuracy on tensor cores, as in the contrastive kernels, where plain
+# "tf32" would be less accurate than torch's float32 matmul. The interpreter computes in
+# numpy float32 whatever the setting.
+_FP32_DOT_PRECISION = "tf32x3"
+
+# CUDA limits the second grid axis (the vocab splits) to 65,535 programs.
+_MAX_SPLITS = 65_535
+
+# Bound of the hidden-gradient partials (splits, N, D) float32 beyond the first split. At
+# the MLM shape (N = 600, D = 768) a split is 1.8 MiB, so up to 17 splits and 170
+# programs; at the MVM shape (N = 10,240) a split is 30 MiB and one split already gives
+# 160 row blocks.
+_HIDDEN_PARTIAL_BYTES = 32 << 20
+
+
+@dataclass(frozen=True)
+class Tiles:
+    """Tile sizes and launch options of one kernel.
+
+    Attributes:
+        block_n: hidden rows per tile.
+        block_v: vocab columns per tile.
+        block_d: hidden-dim slice per tl.dot (the kernels loop over D).
+        num_warps, num_stages: Triton launch options (ignored by the interpreter).
+    """
+
+    block_n: int
+    block_v: int
+    block_d: int
+    num_warps: int
+    num_stages: int
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    """Tiles of the three kernels and how their work is split.
+
+    Attributes:
+        forward, hidden, weight: the tiles of each kernel.
+        forward_split_cols: vocab columns per forward program (a multiple of its block_v).
+        hidden_split_cols: vocab columns per hidden-gradient program (likewise).
+        weight_programs: the persistent weight-gradient grid size.
+    """
+
+    forward: Tiles
+    hidden: Tiles
+    weight: Tiles
+    forward_split_cols: int
+    hidden_split_cols: int
+    weight_programs: int
+
+
+@dataclass(frozen=True)
+class LaunchOverrides:
+    """Launch settings forced over :func:`launch_config`'s choice (None: keep its choice).
+
+    Tests use them to run several splits, row blocks, vocab blocks and persistent
+    iterations on small inputs. Tile sizes must be powers of two >= 16; split sizes are
+    rounded up to a multiple of the tile.
+    """
+
+    block_n: Optional[int] = None
+    block_v: Optional[int] = None
+    block_d: Optional[int] = None
+    split_cols: Optional[int] = None
+    weight_programs: Optional[int] = None
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _pow2(n: int, lo: int, hi: int) -> int:
+    """The power of two >= n, clamped to [lo, hi] (tl.dot needs every dim >= 16)."""
+    return min(hi, max(lo, 1 << max(n - 1, 0).bit_length()))
+
+
+def _cdiv(n: int, d: int) -> int:
+    return -(-n // d)
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return _cdiv(n, multiple) * multiple
+
+
+def _gpu_tiles(dtype: torch.dtype) -> tuple[Tiles, Tiles, Tiles]:
+    """(forward, hidden, weight) tiles on a GPU: one pinned config per dtype.
+
+    Not yet measured on a GPU: chosen from the register and shared-memory budgets of
+    sm_80/sm_90 (163 / 227 KiB of shared memory per program).
+    - forward: a 128 x 128 float32 logits tile is 64 registers per thread at 8 warps,
+      the size of Triton's tuned matmul tiles; 3 stages of 128 x 64 + 64 x 128 half
+      operands are 96 KiB.
+    - hidden gradient: a 64 x 128 logits tile and its dz (32 registers each) plus the
+      64 x 64 accumulator of the dz @ weight slice.
+    - weight gradient: 128 rows per dz tile, because each tile adds into the program's
+      (64, D) float32 scratch: 128 rows make that read-modify-write 1/32 byte per flop.
+    float32 operands take BLOCK_D = 32 and 2 stages: "tf32x3" stages a high and a low
+    part of each operand, twice the half-precision shared memory per element.
+    """
+    block_d, stages = (32, 2) if dtype == torch.float32 else (64, 3)
+    forward = Tiles(128, 128, block_d, 8, stages)
+    hidden = Tiles(64, 128, block_d, 8, 2)
+    weight = Tiles(128, 64, block_d, 8, 2)
+    return forward, hidden, weight
+
+
+def launch_config(problem: LinearCEProblem, overrides: LaunchOverrides = LaunchOverrides()) -> LaunchConfig:
+    """The pinned launch settings of the three kernels for ``problem``."""
+    rows, vocab, dim = problem.rows, problem.vocab, problem.dim
+    if problem.device.type == "cpu":
+        # The interpreter runs every tile op through numpy, so its cost grows with
+        # programs x loop iterations far more than with tile size: the largest tiles,
+        # one D slice up to 128, and one split per 1,024 columns.
+        tiles = Tiles(_pow2(rows, 16, 64), _pow2(vocab, 16, 128), _pow2(dim, 16, 128), 4, 1)
+        forward = hidden = weight = tiles
+        forward_cols = hidden_cols = 1024
+        programs = None  # one weight program per vocab block
+    else:
+        sms = _sm_count(problem.device.index)
+        forward, hidden, weight = _gpu_tiles(problem.dtype)
+        # About 2 programs per SM, each walking >= 4 vocab tiles so that loads pipeline.
+        splits = _cdiv(2 * sms, _cdiv(rows, forward.block_n))
+        forward_cols = max(4 * forward.block_v, _cdiv(vocab, splits))
+        splits = _cdiv(2 * sms, _cdiv(rows, hidden.block_n))
+        splits = min(splits, max(1, _HIDDEN_PARTIAL_BYTES // (rows * dim * 4)))
+        hidden_cols = max(4 * hidden.block_v, _cdiv(vocab, splits))
+        # One program per SM: each holds a (block_v, D) float32 scratch, and the vocab
+        # blocks (128 at V = 8,192, 477 at V = 30,522) are shared out round-robin.
+        programs = sms
+
+    def tiles_with(t: Tiles) -> Tiles:
+        return Tiles(
+            overrides.block_n or t.block_n, overrides.block_v or t.block_v, overrides.block_d or t.block_d,
+            t.num_warps, t.num_stages,
+        )  # fmt: skip
+
+    forward, hidden, weight = tiles_with(forward), tiles_with(hidden), tiles_with(weight)
+    if overrides.split_cols:
+        forward_cols = hidden_cols = overrides.split_cols
+    forward_cols = _round_up(max(forward_cols, _cdiv(vocab, _MAX_SPLITS)), forward.block_v)
+    hidden_cols = _round_up(max(hidden_cols, _cdiv(vocab, _MAX_SPLITS)), hidden.block_v)
+    vocab_blocks = _cdiv(vocab, weight.block_v)
+    programs = min(overrides.weight_programs or programs or vocab_blocks, vocab_blocks)
+    return LaunchConfig(forward, hidden, weight, forward_cols, hidden_cols, programs)
+
+
+def why_not(problem: LinearCEProblem, auto: bool) -> Optional[str]:
+    """None if the Triton kernels can run ``problem``, else why not."""
+    reason = _triton_utils.why_not_triton(problem.hidden, auto=auto)
+    if reason is not None:
+        return reason
+    if problem.dtype == torch.float64:
+        return "float64 inputs are not supported: the Triton kernels accumulate in float32"
+    if problem.rows == 0:
+        return "no rows (N = 0): nothing to launch"
+    return None
+
+
+def _dot_precision() -> str:
+    return "ieee" if _triton_utils.UPCAST_DOT_OPERANDS else _FP32_DOT_PRECISION
+
+
+def _on(device: torch.device) -> ContextManager:
+    """Triton launches on the current CUDA device: make it the tensors' device."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+@dataclass(frozen=True)
+class _Operands:
+    """Kernel arguments shared by the three launches: pointers, sizes and strides."""
+
+    hidden: torch.Tensor
+    weight: torch.Tensor
+    bias: torch.Tensor  # the weight stands in for a missing bias (never read then)
+    targets: torch.Tensor
+    has_bias: bool
+
+    @staticmethod
+    def of(problem: LinearCEProblem) -> "_Operands":
+        bias = problem.bias
+        return _Operands(
+            problem.hidden,
+            problem.weight,
+            problem.weight if bias is None else bias.contiguous(),
+            problem.targets.contiguous(),
+            bias is not None,
+        )
+
+    def args(self) -> tuple:
+        h, w = self.hidden, self.weight
+        return (h, w, self.bias, self.targets)
+
+    def sizes(self) -> tuple:
+        h, w = self.hidden, self.weight
+        return (h.shape[0], w.shape[0], h.shape[1], *h.stride(), *w.stride())
+
+
+def _forward_rows(problem: LinearCEProblem, ops: _Operands, cfg: LaunchConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row (loss, lse), each (N,) float32; ignored rows' loss is 0."""
+    opts = problem.options
+    t = cfg.forward
+    smooth = opts.label_smoothing > 0
+    splits = _cdiv(problem.vocab, cfg.forward_split_cols)
+    planes = kernels.STATS if smooth else kernels.STATS - 1
+    stats = torch.empty((planes, splits, problem.rows), dtype=torch.float32, device=problem.device)
+    with _on(problem.device):
+        kernels._fwd_kernel[(_cdiv(problem.rows, t.block_n), splits)](
+            *ops.args(), stats, *ops.sizes(), cfg.forward_split_cols, splits,
+            HAS_BIAS=ops.has_bias, SMOOTH=smooth,
+            UPCAST=_triton_utils.UPCAST_DOT_OPERANDS, PRECISION=_dot_precision(),
+            BLOCK_N=t.block_n, BLOCK_V=t.block_v, BLOCK_D=t.block_d,
+            num_warps=t.num_warps, num_stages=t.num_stages,
+        )  # fmt: skip
+    # Exact merge of the splits: sum_s S_s exp(m_s - m) with m = max_s m_s.
+    m, sum_exp = stats[0], stats[1]  # (splits, N)
+    m_max = m.amax(dim=0)
+    lse = m_max + torch.log((sum_exp * torch.exp(m - m_max)).sum(dim=0))
+    eps = opts.label_smoothing
+    term = stats[2].sum(dim=0)  # only the split holding t_i contributes
+    if smooth:
+        term = (1.0 - eps) * term + (eps / problem.vocab) * stats[3].sum(dim=0)
+    valid = problem.targets != opts.ignore_index
+    return torch.where(valid, lse - term, 0.0), lse
+
+
+def _grad_scalars(problem: LinearCEProblem) -> tuple[float, float]:
+    """(on_target, uniform) = (1 - eps, eps / V) of dz."""
+    eps = problem.options.label_smoothing
+    return 1.0 - eps, eps / problem.vocab
+
+
+def _backward_hidden(
+    problem: LinearCEProblem, ops: _Operands, lse: torch.Tensor, coef: torch.Tensor, coef_max: torch.Tensor,
+    cfg: LaunchConfig,
+) -> torch.Tensor:  # fmt: skip
+    """d hidden (N, D) in the hidden dtype."""
+    t = cfg.hidden
+    splits = _cdiv(problem.vocab, cfg.hidden_split_cols)
+    partial = torch.zeros((splits, problem.rows, problem.dim), dtype=torch.float32, device=problem.device)
+    on_target, uniform = _grad_scalars(problem)
+    with _on(problem.device):
+        kernels._bwd_hidden_kernel[(_cdiv(problem.rows, t.block_n), splits)](
+            *ops.args(), lse, coef, partial, *ops.sizes(), cfg.hidden_split_cols, on_target, uniform,
+            HAS_BIAS=ops.has_bias, UPCAST=_triton_utils.UPCAST_DOT_OPERANDS, PRECISION=_dot_precision(),
+            BLOCK_N=t.block_n, BLOCK_V=t.block_v, BLOCK_D=t.block_d,
+            num_warps=t.num_warps, num_stages=t.num_stages,
+        )  # fmt: skip
+    grad = partial[0] if splits == 1 else partial.sum(dim=0)
+    return (grad * coef_max).to(problem.dtype)
+
+
+def _backward_weight(
+    problem: LinearCEProblem, ops: _Operands, lse: torch.Tensor, coef: torch.Tensor, coef_max: torch.Tensor,
+    cfg: LaunchConfig, weight_grad: bool, bias_grad: bool,
+) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:  # fmt: skip
+    """(d weight (V, D) contiguous, d bias (V,)), each None where not asked for."""
+    t = cfg.weight
+    device = problem.device
+    dw = torch.empty((problem.vocab, problem.dim), dtype=problem.dtype, device=device) if weight_grad else None
+    db = torch.empty(problem.vocab, dtype=problem.bias.dtype, device=device) if bias_grad else None
+    scratch = None
+    if weight_grad:
+        scratch = torch.zeros((cfg.weight_programs, t.block_v, problem.dim), dtype=torch.float32, device=device)
+    on_target, uniform = _grad_scalars(problem)
+    unused = lse  # any tensor stands in for an output that is not written
+    with _on(device):
+        kernels._bwd_weight_kernel[(cfg.weight_programs,)](
+            *ops.args(), lse, coef, coef_max,
+            unused if dw is None else dw, unused if db is None else db, unused if scratch is None else scratch,
+            *ops.sizes(), on_target, uniform,
+            HAS_BIAS=ops.has_bias, WEIGHT_GRAD=weight_grad, BIAS_GRAD=bias_grad,
+            UPCAST=_triton_utils.UPCAST_DOT_OPERANDS, PRECISION=_dot_precision(),
+            BLOCK_N=t.block_n, BLOCK_V=t.block_v, BLOCK_D=t.block_d,
+            num_warps=t.num_warps, num_stages=t.num_stages,
+        )  # fmt: skip
+    return dw, db
+
+
+class _TritonRows(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, options: Options, overrides: LaunchOverrides):
+        problem = LinearCEProblem(hidden, weight, targets, bias, options)
+        cfg = launch_config(problem, overrides)
+        rows, lse = _forward_rows(problem, _Operands.of(problem), cfg)
+        ctx.save_for_backward(hidden, weight, bias, targets, lse)
+        ctx.options, ctx.cfg = options, cfg
+        ctx.set_materialize_grads(False)
+        return rows
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_rows):
+        hidden, weight, bias, targets, lse = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        grad_h = grad_w = grad_b = None
+        if grad_rows is None or not any(need[:3]):
+            return grad_h, grad_w, grad_b, None, None, None
+        problem = LinearCEProblem(hidden, weight, targets, bias, ctx.options)
+        ops = _Operands.of(problem)
+        valid = targets != ctx.options.ignore_index
+        # Per-row coefficient g_i, 0 on ignored rows (also where g_i is inf: the mean of
+        # an all-ignored batch divides by 0, and PyTorch's gradients are 0 there). The
+        # kernels take g_i / max |g|, so dz = g_i (softmax - target) keeps the magnitude
+        # of a probability when it is rounded to the operands' dtype for the tensor-core
+        # products: with the mean over N = 10,240 rows, g_i = 1e-4 would push dz of a
+        # 1e-4 probability to 1e-8, below float16's smallest normal (6e-5). The sums are
+        # multiplied back by max |g| in float32.
+        coef = torch.where(valid, grad_rows.to(torch.float32), 0.0)
+        coef_max = coef.abs().amax().clamp_min(torch.finfo(torch.float32).tiny)  # no host sync
+        coef = (coef / coef_max).contiguous()
+        if need[0]:
+            grad_h = _backward_hidden(problem, ops, lse, coef, coef_max, ctx.cfg)
+        if need[1] or need[2]:
+            grad_w, grad_b = _backward_weight(problem, ops, lse, coef, coef_max, ctx.cfg, need[1], bool(need[2]))
+        return grad_h, grad_w, grad_b, None, None, None
+
+
+def triton_rows(problem: LinearCEProblem, overrides: LaunchOverrides = LaunchOverrides()) -> torch.Tensor:
+    """Per-row losses (N,) float32 (0 on ignored rows), from the fused Triton kernels.
+
+    Differentiable w.r.t. hidden, weight and bias. ``overrides`` forces launch settings;
+    the result does not depend on them beyond rounding.
+    """
+    return _TritonRows.apply(*problem.autograd_inputs(), problem.options, overrides)
