@@ -1,0 +1,175 @@
+"""Text tokenizers (word, WordPiece) and visual tokenizers (k-means, dVAE)."""
+
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+from cots.tokenizers import (
+    DVAETokenizer,
+    KMeansPatchTokenizer,
+    VisualTokenizer,
+    WordPieceTokenizer,
+    WordTokenizer,
+    patchify,
+)
+
+_VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "un", "##aff", "##able", "want",
+          "##want", "##ed", "runn", "##ing", ",", "!", "hello", "cafe", "caf", "##é", "你", "好",
+          "the", "a", "##b"]
+
+
+@pytest.fixture
+def wordpiece(tmp_path):
+    path = tmp_path / "vocab.txt"
+    path.write_text("\n".join(_VOCAB) + "\n", encoding="utf-8")
+    return WordPieceTokenizer.from_vocab_file(path)
+
+
+@pytest.mark.parametrize("text, pieces", [
+    ("unaffable", ["un", "##aff", "##able"]),
+    ("UNwant\u00e9d,running", ["un", "##want", "##ed", ",", "runn", "##ing"]),
+    ("Hello!!", ["hello", "!", "!"]),
+    ("Caf\u00e9  \t hello", ["cafe", "hello"]),
+    ("\u4f60\u597d hello", ["\u4f60", "\u597d", "hello"]),
+    ("the [MASK] xyz", ["the", "[MASK]", "[UNK]"]),
+    ("unwantx", ["[UNK]"]),  # no complete split -> the whole word is unknown
+    ("a" + "b" * 100, ["[UNK]"]),  # longer than max_input_chars_per_word
+    ("a" + "b" * 99, ["a"] + ["##b"] * 99),
+    ("hello\x00\ufffd\u200b", ["hello"]),
+])
+def test_wordpiece_pieces(wordpiece, text, pieces):
+    assert wordpiece.tokenize(text) == pieces
+
+
+def test_wordpiece_specials_cased_and_decode(wordpiece, tmp_path):
+    assert (wordpiece.pad_id, wordpiece.unk_id, wordpiece.cls_id, wordpiece.sep_id,
+            wordpiece.mask_id) == (0, 1, 2, 3, 4)
+    assert wordpiece.vocab_size == len(_VOCAB) and wordpiece.special_ids == {0, 1, 2, 3, 4}
+    cased = WordPieceTokenizer(_VOCAB, lowercase=False)
+    assert cased.tokenize("Caf\u00e9 caf\u00e9") == ["[UNK]", "caf", "##\u00e9"]
+    ids, mask = wordpiece.encode(["unaffable hello", "cafe"], max_len=10)
+    assert ids[0].tolist() == [2, 5, 6, 7, 15, 3] and ids[1].tolist() == [2, 16, 3, 0, 0, 0]
+    assert wordpiece.decode(ids) == ["unaffable hello", "cafe"]
+    bad = tmp_path / "bad.txt"
+    bad.write_text("[PAD]\n[UNK]\nfoo\n")
+    with pytest.raises(ValueError, match=r"bad.txt: vocab lacks the special tokens \['\[CLS\]'"):
+        WordPieceTokenizer.from_vocab_file(bad)
+
+
+def test_word_tokenizer_encode_truncate_pad_and_roundtrip(tmp_path):
+    tok = WordTokenizer.from_corpus(["A red circle.", "a blue circle", "red-red square!"],
+                                    min_freq=1)
+    assert tok.vocab[:5] == ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    assert tok.vocab[5:] == ["red", "a", "circle", "blue", "square"]  # by count, then name
+    assert WordTokenizer.from_corpus(["a a b"], min_freq=2).vocab[5:] == ["a"]
+    ids, mask = tok.encode(["a red circle left of it", "blue"], max_len=5)
+    assert ids.tolist() == [[2, 6, 5, 7, 3], [2, 8, 3, 0, 0]]
+    assert mask.tolist() == [[True] * 5, [True] * 3 + [False] * 2]
+    assert tok.decode(ids[0]) == "a red circle"
+    assert tok.decode(tok.encode(["purple circle"], 8)[0][0]) == "[UNK] circle"
+    ids, _ = tok.encode(["a", "b"], max_len=40)
+    assert ids.shape == (2, 3)  # padded to the longest row, not to max_len
+    path = tmp_path / "tok.json"
+    tok.save(path)
+    loaded = WordTokenizer.load(path)
+    assert loaded.vocab == tok.vocab and loaded.mask_id == 4
+    with pytest.raises(TypeError, match="wrap a single str"):
+        tok.encode("a red circle", 8)
+    with pytest.raises(ValueError, match="max_len"):
+        tok.encode(["a"], 1)
+
+
+def _stripes(n: int, seed: int = 0) -> torch.Tensor:
+    """(n, 3, 8, 8) images whose 4x4 patches are one of four flat colours."""
+    g = torch.Generator().manual_seed(seed)
+    palette = torch.tensor([[1.0, 0, 0], [0, 1.0, 0], [0, 0, 1.0], [1.0, 1.0, 1.0]])
+    choice = torch.randint(4, (n, 2, 2), generator=g)
+    img = palette[choice].permute(0, 3, 1, 2)  # (n, 3, 2, 2)
+    img = img.repeat_interleave(4, 2).repeat_interleave(4, 3)
+    return img + 0.01 * torch.randn(img.shape, generator=g)
+
+
+def _check_kmeans(tok: KMeansPatchTokenizer, images: torch.Tensor):
+    ids = tok(images)
+    assert ids.shape == (len(images), 4) and ids.dtype == torch.long
+    # 8 centroids for 4 flat colours: every id holds patches of one colour only.
+    colours = patchify(images, 4).reshape(-1, 3, 16).mean(2).round()
+    flat = ids.reshape(-1)
+    for i in flat.unique():
+        assert colours[flat == i].unique(dim=0).shape[0] == 1
+    assert flat.unique().numel() >= 4
+
+
+def test_kmeans_tokenizer_faiss_and_state_dict():
+    images = _stripes(64)
+    tok = KMeansPatchTokenizer(8, 4)
+    assert isinstance(tok, VisualTokenizer)
+    with pytest.raises(RuntimeError, match="not fitted"):
+        tok(images)
+    tok.fit(images, niter=10, seed=0)
+    _check_kmeans(tok, images)
+    restored = KMeansPatchTokenizer(8, 4)
+    restored.load_state_dict(tok.state_dict())
+    assert torch.equal(restored(images), tok(images))
+    with pytest.raises(ValueError, match="divisible"):
+        tok(torch.zeros(1, 3, 6, 8))
+
+
+def test_kmeans_tokenizer_torch_fallback(monkeypatch):
+    monkeypatch.setitem(sys.modules, "faiss", None)  # `import faiss` now raises ImportError
+    images = _stripes(64, seed=1)
+    tok = KMeansPatchTokenizer(8, 4)
+    with pytest.warns(RuntimeWarning, match="faiss is not installed"):
+        tok.fit(images, niter=10, seed=0)
+    _check_kmeans(tok, images)
+
+
+class _TinyEncoder(nn.Module):
+    """Stride-4 conv: (B, 3, H, W) -> logits (B, 16, H/4, W/4)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 16, 4, stride=4)
+
+    def forward(self, x):
+        return self.conv(x)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit:DeprecationWarning")
+def test_dvae_tokenizer_from_torchscript(tmp_path):
+    torch.manual_seed(0)
+    encoder = _TinyEncoder()
+    path = tmp_path / "dvae.pt"
+    torch.jit.save(torch.jit.script(encoder), path)
+    mean, std = (0.5, 0.4, 0.3), (0.2, 0.3, 0.4)
+    tok = DVAETokenizer.from_checkpoint(path, patch_size=4, vocab_size=16, image_mean=mean,
+                                        image_std=std)
+    assert isinstance(tok, VisualTokenizer)
+    images = torch.randn(2, 3, 8, 12)
+    pixels = images * torch.tensor(std)[:, None, None] + torch.tensor(mean)[:, None, None]
+    expected = encoder(0.8 * pixels + 0.1).argmax(1).flatten(1)
+    assert torch.equal(tok(images), expected) and expected.shape == (2, 6)
+    tok.train()
+    assert not tok.encoder.training
+    with pytest.raises(ValueError, match="vocab_size is 32"):
+        DVAETokenizer(encoder, patch_size=4, vocab_size=32)(images)
+    with pytest.raises(ValueError, match=r"dVAE grid \(2, 2\) does not match the patch grid "
+                                         r"\(1, 1\)"):
+        DVAETokenizer(encoder, patch_size=8, vocab_size=16)(torch.randn(1, 3, 8, 8))
+    # A 16 px patch grid from a stride-4 encoder: shrink the input to a quarter first.
+    small = DVAETokenizer(encoder, patch_size=16, vocab_size=16, input_map="none", input_size=8)
+    assert small(torch.rand(1, 3, 32, 32)).shape == (1, 4)
+
+
+def test_dvae_tokenizer_pickled_module_and_state_dict(tmp_path):
+    encoder = _TinyEncoder()
+    path = tmp_path / "module.pt"
+    torch.save(encoder, path)
+    tok = DVAETokenizer.from_checkpoint(path, patch_size=4, vocab_size=16, input_map="none")
+    images = torch.rand(1, 3, 8, 8)
+    assert torch.equal(tok(images), encoder(images).argmax(1).flatten(1))
+    torch.save(encoder.state_dict(), tmp_path / "weights.pt")
+    with pytest.raises(TypeError, match="state_dict"):
+        DVAETokenizer.from_checkpoint(tmp_path / "weights.pt", patch_size=4, vocab_size=16)
