@@ -1,0 +1,333 @@
+"""COTSModel: two encoders, their momentum copies and queues, and COTS's three objectives.
+
+Instance level: queue InfoNCE in both directions with the task-level KL alignment
+(``cots_kernels.cots_contrastive_loss``), pairs weighted by the adaptive momentum filter.
+Token level (MVLM): masked language modelling whose head fuses the paired image's
+global feature, and masked vision modelling that predicts the visual token ids of
+masked patches from the visible ones plus the paired text's global feature. The two
+streams never attend to each other: the other modality enters only as one vector.
+
+Distributed runs (DDP, ``torch.distributed`` initialised) are handled here: momentum keys
+are gathered so every rank scores against the global batch, the queues and the filter
+gather their inputs, and every loss is normalised by its global count, so that N ranks
+on the slices of a global batch compute what one process computes on the whole batch.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from cots.config import QUEUE_DTYPES, COTSConfig
+from cots.encoders import TextEncoder, VisionTransformer
+from cots_kernels import (
+    AdaptiveMomentumFilter,
+    ContrastiveOutput,
+    MomentumEncoder,
+    PairedQueue,
+    cots_contrastive_loss,
+    linear_cross_entropy,
+)
+from cots_kernels.queues import gathered
+
+TEMPERATURE_BOUNDS = (0.001, 0.5)  # ALBEF's clamp of the learnable temperature
+TERMS = ("itc", "i2t", "t2i", "kl", "mlm", "mvm", "kept", "temperature")
+
+
+class COTSOutput(NamedTuple):
+    """What :meth:`COTSModel.forward` returns.
+
+    Attributes:
+        loss: the weighted total to call ``backward()`` on (0-dim). Under DDP it is this
+            rank's share, scaled so that DDP's gradient averaging yields the gradient of
+            the global-batch loss.
+        terms: 0-dim detached float32 tensors, global-batch values: "itc" (instance
+            loss with KL), "i2t", "t2i", "kl", "mlm", "mvm" (absent when their weight is
+            0), "kept" (fraction of pairs the filter kept), "temperature", "loss".
+    """
+
+    loss: torch.Tensor
+    terms: dict[str, torch.Tensor]
+
+
+def _world() -> tuple[int, int]:
+    """(rank, world size) of the default group, (0, 1) outside distributed runs."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+class ImageTower(nn.Module):
+    """A ViT and its projection into the shared space; videos are mean-pooled frames."""
+
+    def __init__(self, encoder: VisionTransformer, embed_dim: int) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.proj = nn.Linear(encoder.width, embed_dim)
+
+    def forward(
+        self, images: torch.Tensor, patch_mask: Optional[torch.Tensor] = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """images (B, 3, H, W) or videos (B, T, 3, H, W); patch_mask (B, N) bool or None.
+
+        Returns tokens (B * T, 1 + N, W) (T = 1 for images), the global feature (B, W)
+        (the [CLS] features, averaged over frames) and the L2-normalised embedding (B, D).
+        """
+        frames = images.shape[1] if images.dim() == 5 else 1
+        if images.dim() == 5:
+            images = images.flatten(0, 1)  # (B * T, 3, H, W)
+            if patch_mask is not None:
+                patch_mask = patch_mask.repeat_interleave(frames, dim=0)  # same mask on every frame
+        tokens = self.encoder(images, patch_mask)
+        features = tokens[:, 0].unflatten(0, (-1, frames)).mean(dim=1)  # (B, W)
+        return tokens, features, F.normalize(self.proj(features), dim=-1)
+
+
+class TextTower(nn.Module):
+    """A BERT-style encoder and its projection of the global text feature.
+
+    ``pooling`` picks the global feature: "cls" (BERT, ALBEF: the [CLS] output, the
+    right choice with pretrained BERT weights) or "mean" (the mean over real tokens). A
+    randomly initialised BERT gives nearly the same [CLS] output for every caption
+    (attention is close to uniform and the [CLS] input is constant), so training from
+    scratch learns retrieval much faster with "mean".
+    """
+
+    def __init__(self, encoder: TextEncoder, embed_dim: int, pooling: str = "cls") -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.proj = nn.Linear(encoder.width, embed_dim)
+        self.pooling = pooling
+
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """input_ids, attention_mask (B, L). Returns tokens (B, L, W), the global feature (B, W), embedding (B, D)."""
+        tokens = self.encoder(input_ids, attention_mask)
+        if self.pooling == "cls":
+            features = tokens[:, 0]
+        else:
+            real = attention_mask.to(tokens.dtype).unsqueeze(-1)  # (B, L, 1)
+            features = (tokens * real).sum(dim=1) / real.sum(dim=1).clamp_min(1)
+        return tokens, features, F.normalize(self.proj(features), dim=-1)
+
+
+class FusedTokenHead(nn.Module):
+    """Token prediction from a token state fused with the other modality's global feature.
+
+    h = LayerNorm(GELU(W_f [state; other] + b_f)); logits = h W_d^T + b_d over the
+    vocabulary, scored with the fused linear cross-entropy (the logits never exist).
+    """
+
+    def __init__(self, width: int, other_width: int, vocab_size: int, eps: float, ce_impl: str) -> None:
+        super().__init__()
+        self.fuse = nn.Linear(width + other_width, width)
+        self.norm = nn.LayerNorm(width, eps=eps)
+        self.decoder = nn.Linear(width, vocab_size)
+        self.ce_impl = ce_impl
+
+    def forward(self, states: torch.Tensor, other: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """states (M, W), other (M, W_other), targets (M,) long. Returns the summed loss (0-dim)."""
+        hidden = self.norm(F.gelu(self.fuse(torch.cat([states, other.to(states.dtype)], dim=-1))))
+        device = hidden.device.type
+        if torch.is_autocast_enabled(device):
+            # LayerNorm leaves autocast in float32; the custom op does not autocast, so cast
+            # here to keep the vocabulary matmul in the autocast dtype (bf16 on a GPU).
+            hidden = hidden.to(torch.get_autocast_dtype(device))
+        return linear_cross_entropy(
+            hidden, self.decoder.weight.to(hidden.dtype), targets, self.decoder.bias.to(hidden.dtype),
+            reduction="sum", impl=self.ce_impl,
+        )  # fmt: skip
+
+
+class COTSModel(nn.Module):
+    """COTS: online and momentum encoders, paired queues, ITC + KL, MLM, MVM and the AMF.
+
+    Args:
+        config: the :class:`COTSConfig`.
+        visual_tokenizer: maps images (B, 3, H, W) to visual token ids (B, N) in
+            ``[0, config.visual_vocab_size)``, one per patch of the image encoder's grid
+            (a :class:`cots.tokenizers.KMeansPatchTokenizer` or ``DVAETokenizer``). It is a
+            submodule when it is an ``nn.Module``, so a fitted k-means codebook travels in
+            checkpoints. Unused when ``mvm_weight`` is 0.
+        vocab_size: the text tokenizer's vocabulary size.
+
+    Train in COTS's order: ``out = model(batch)``, ``out.loss.backward()``, optimizer
+    step, then :meth:`after_step` (momentum update and enqueue of this step's keys).
+    """
+
+    def __init__(self, config: COTSConfig, visual_tokenizer: Optional[nn.Module], vocab_size: int) -> None:
+        super().__init__()
+        if not isinstance(config, COTSConfig):
+            raise TypeError(f"config must be a COTSConfig, got {type(config).__name__}")
+        if config.mvm_weight > 0:
+            if visual_tokenizer is None:
+                raise ValueError("mvm_weight > 0 needs a visual_tokenizer")
+            if getattr(visual_tokenizer, "vocab_size", None) != config.visual_vocab_size:
+                raise ValueError(
+                    f"the visual tokenizer has vocab_size {getattr(visual_tokenizer, 'vocab_size', None)} "
+                    f"but config.visual_vocab_size is {config.visual_vocab_size}"
+                )
+        self.config = config
+        vision_cfg, text_cfg = config.vision_config(), config.text_config(vocab_size)
+        if config.mvm_weight > 0 and getattr(visual_tokenizer, "patch_size", None) != vision_cfg.patch_size:
+            raise ValueError(
+                f"the visual tokenizer's patch_size {getattr(visual_tokenizer, 'patch_size', None)} "
+                f"differs from the image encoder's {vision_cfg.patch_size}"
+            )
+        self.image = ImageTower(VisionTransformer(vision_cfg, attn_impl=config.attn_impl), config.embed_dim)
+        self.text = TextTower(TextEncoder(text_cfg, attn_impl=config.attn_impl), config.embed_dim, config.text_pooling)
+        self.image_momentum = MomentumEncoder(self.image, config.momentum)
+        self.text_momentum = MomentumEncoder(self.text, config.momentum)
+        self.queue = PairedQueue(config.embed_dim, config.queue_size, QUEUE_DTYPES[config.queue_dtype])
+        self.amf = (
+            AdaptiveMomentumFilter(config.queue_size, config.amf_k, config.amf_warmup_steps) if config.amf else None
+        )
+        self.temperature = nn.Parameter(torch.tensor(config.temperature), requires_grad=config.learnable_temperature)
+        vision_width, text_width = self.image.encoder.width, self.text.encoder.width
+        self.mlm_head = (
+            FusedTokenHead(text_width, vision_width, vocab_size, text_cfg.layer_norm_eps, config.ce_impl)
+            if config.mlm_weight > 0
+            else None
+        )
+        self.mvm_head = (
+            FusedTokenHead(vision_width, text_width, config.visual_vocab_size, vision_cfg.layer_norm_eps, config.ce_impl)
+            if config.mvm_weight > 0
+            else None
+        )
+        self.visual_tokenizer = visual_tokenizer if config.mvm_weight > 0 else None
+        self._pending_keys: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> COTSOutput:
+        """One training forward on a batch from :class:`cots.data.CotsCollator`.
+
+        Args:
+            batch: "images" (B, 3, H, W) or "videos" (B, T, 3, H, W); "input_ids",
+                "attention_mask" (B, L); with MLM "mlm_input_ids", "mlm_labels" (B, L)
+                (-100 where nothing is predicted); with MVM "patch_mask" (B, N) bool.
+
+        Returns:
+            :class:`COTSOutput`. Keeps this step's momentum keys for :meth:`after_step`.
+        """
+        cfg = self.config
+        visual = batch["videos"] if "videos" in batch else batch["images"]
+        input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
+        if visual.shape[0] != input_ids.shape[0]:
+            raise ValueError(f"batch has {visual.shape[0]} images but {input_ids.shape[0]} texts")
+        rank, world = _world()
+
+        image_tokens, image_global, image_query = self.image(visual)
+        _, text_global, text_query = self.text(input_ids, attention_mask)
+        with torch.no_grad():
+            image_keys = self.image_momentum(visual)[2]
+            text_keys = self.text_momentum(input_ids, attention_mask)[2]
+            # AMF: momentum positive-pair similarities move slowly; drop far outliers.
+            weight = self.amf((image_keys * text_keys).sum(-1)) if self.amf is not None else None
+        self._pending_keys = (image_keys, text_keys)
+
+        sums: dict[str, torch.Tensor] = {}  # local sums, normalised by global counts below
+        counts: dict[str, torch.Tensor] = {}
+        pairs = torch.ones(image_query.shape[0], device=image_query.device) if weight is None else weight
+        counts["pairs"] = pairs.sum()
+        if cfg.itc_weight > 0:
+            with torch.no_grad():
+                self.temperature.clamp_(*TEMPERATURE_BOUNDS)
+            out = self._instance_loss(image_query, text_query, image_keys, text_keys, weight, rank)
+            sums.update(itc=out.loss, i2t=out.i2t, t2i=out.t2i, kl=out.kl)
+        if self.mlm_head is not None:
+            labels = batch["mlm_labels"]
+            tokens = self.text.encoder(batch["mlm_input_ids"], attention_mask)
+            picked = labels != -100  # (B, L)
+            rows = picked.nonzero()[:, 0]  # the pair of each predicted token
+            sums["mlm"] = self.mlm_head(tokens[picked], image_global[rows], labels[picked])
+            counts["mlm"] = picked.sum()
+        if self.mvm_head is not None:
+            patch_mask = batch["patch_mask"]
+            with torch.no_grad():
+                frames = visual.flatten(0, 1) if visual.dim() == 5 else visual
+                targets = self.visual_tokenizer(frames)  # (B * T, N)
+            masked_tokens, _, _ = self.image(visual, patch_mask)
+            masked = patch_mask.repeat_interleave(masked_tokens.shape[0] // patch_mask.shape[0], dim=0)
+            rows = masked.nonzero()[:, 0] // (masked.shape[0] // patch_mask.shape[0])  # frame -> pair
+            sums["mvm"] = self.mvm_head(masked_tokens[:, 1:][masked], text_global[rows], targets[masked])
+            counts["mvm"] = masked.sum()
+        return self._combine(sums, counts, world, image_query)
+
+    def _instance_loss(
+        self,
+        image_query: torch.Tensor,
+        text_query: torch.Tensor,
+        image_keys: torch.Tensor,
+        text_keys: torch.Tensor,
+        weight: Optional[torch.Tensor],
+        rank: int,
+    ) -> ContrastiveOutput:
+        """The fused ITC + KL loss against the (gathered) batch keys and the queues, summed over pairs."""
+        cfg = self.config
+        if cfg.in_batch_negatives:  # score against the global batch; our positives start at rank * B
+            keys, offset = (gathered(image_keys, None), gathered(text_keys, None)), rank * image_keys.shape[0]
+        else:
+            keys, offset = (image_keys, text_keys), 0
+        queues = self.queue.queues() if self.image_momentum.step >= cfg.queue_warmup_steps else (None, None)
+        return cots_contrastive_loss(
+            image_query, text_query, *keys, *queues, self.temperature,
+            positive_offset=offset, in_batch_negatives=cfg.in_batch_negatives, kl_weight=cfg.kl_weight,
+            distill_alpha=cfg.distill_alpha, sample_weight=weight, reduction="sum", impl=cfg.loss_impl,
+        )  # fmt: skip
+
+    def _combine(
+        self, sums: dict[str, torch.Tensor], counts: dict[str, torch.Tensor], world: int, like: torch.Tensor
+    ) -> COTSOutput:
+        """Normalise each local sum by its global count and weight the terms into the loss."""
+        cfg = self.config
+        names, count_names = list(sums), list(counts)
+        local = torch.stack([sums[n].detach().float() for n in names] + [counts[n].float() for n in count_names])
+        total = local.clone()
+        if world > 1:
+            dist.all_reduce(total)  # one small all-reduce: global sums and counts together
+        global_sum = dict(zip(names, total[: len(names)]))
+        global_count = dict(zip(count_names, total[len(names) :].clamp_min(1e-6)))  # all dropped: loss 0
+
+        def denominator(name: str) -> torch.Tensor:
+            return global_count["pairs" if name in ("itc", "i2t", "t2i", "kl") else name]
+
+        # world * local / global: DDP averages gradients over ranks, giving the global mean.
+        loss = like.new_zeros((), dtype=torch.float32)
+        for name, weight in (("itc", cfg.itc_weight), ("mlm", cfg.mlm_weight), ("mvm", cfg.mvm_weight)):
+            if name in sums:
+                loss = loss + weight * world * sums[name].float() / denominator(name)
+        terms = {name: global_sum[name] / denominator(name) for name in names}
+        terms["kept"] = global_count["pairs"] / (like.shape[0] * world)
+        terms["temperature"] = self.temperature.detach().float()
+        terms["loss"] = sum(
+            w * terms[n] for n, w in (("itc", cfg.itc_weight), ("mlm", cfg.mlm_weight), ("mvm", cfg.mvm_weight)) if n in terms
+        )
+        return COTSOutput(loss, terms)
+
+    @torch.no_grad()
+    def after_step(self) -> None:
+        """Momentum update of both encoders, then enqueue this step's keys (gathered).
+
+        Call once per forward, after ``optimizer.step()``: the loss saved the queues for
+        its backward, so enqueuing earlier would corrupt the gradient (autograd raises).
+        """
+        if self._pending_keys is None:
+            raise RuntimeError("after_step() needs a forward() first (called twice in a row?)")
+        self.image_momentum.update()
+        self.text_momentum.update()
+        self.queue.enqueue(*self._pending_keys)
+        self._pending_keys = None
+
+    @torch.no_grad()
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        """images (N, 3, H, W) or videos (N, T, 3, H, W) -> (N, embed_dim) L2-normalised (online encoder)."""
+        return self.image(images)[2]
+
+    @torch.no_grad()
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """input_ids, attention_mask (N, L) -> (N, embed_dim) L2-normalised (online encoder)."""
+        return self.text(input_ids, attention_mask)[2]
