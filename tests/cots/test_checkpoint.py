@@ -1,0 +1,97 @@
+"""Checkpoints: resuming reproduces the uninterrupted run exactly; atomic files, latest, pruning, RNG."""
+
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from cots.training import latest, load_checkpoint, load_model, parse_config, read_jsonl, train
+from cots.training.checkpoint import checkpoint_path, prune, rng_state, save_checkpoint, set_rng_state
+
+from .test_training import TINY
+
+# Timing and memory differ between runs; everything else in a record must not.
+TIMING = {"images_per_s", "step_time_s", "data_time_s", "peak_mem_mib", "wall_time_s"}
+
+
+def _config(out_dir, *extra):
+    # Dropout on, so that resuming must also restore the random streams; 32 items in
+    # batches of 8 cross an epoch boundary after the resume point; records every 2 steps
+    # and a checkpoint at step 3 leave a half-filled log interval in the checkpoint.
+    return parse_config(TINY + [
+        "--model.vision.dropout", "0.1", "--model.text.dropout", "0.1",
+        "--steps", "6", "--batch_size", "8", "--data.train_size", "32", "--log_every", "2",
+        "--checkpoint_every", "3", "--optim.lr", "1e-3", "--optim.warmup_steps", "2",
+        "--resume", "auto", "--out_dir", str(out_dir), *extra,
+    ])  # fmt: skip
+
+
+def _terms(records):
+    return [{k: v for k, v in r.items() if k not in TIMING} for r in records]
+
+
+def test_resume_reproduces_the_uninterrupted_run(tmp_path):
+    straight = train(_config(tmp_path / "straight"))
+
+    def interrupt(state):
+        return state.step == 3
+
+    first = train(_config(tmp_path / "resumed"), callbacks=[interrupt])
+    assert first.step == 3 and latest(tmp_path / "resumed") == checkpoint_path(tmp_path / "resumed", 3)
+    second = train(_config(tmp_path / "resumed"))
+    assert second.step == 6
+
+    assert _terms(first.history + second.history) == _terms(straight.history)
+    assert [r["step"] for r in straight.history] == [2, 4, 6]
+    assert _terms(read_jsonl(tmp_path / "resumed" / "log.jsonl")) == _terms(straight.history)
+    ours, theirs = second.model.state_dict(), straight.model.state_dict()
+    assert ours.keys() == theirs.keys()
+    for key, value in theirs.items():  # parameters, momentum copies, queues, filter, codebook
+        if isinstance(value, torch.Tensor):
+            assert torch.equal(ours[key], value), key
+        else:
+            assert ours[key] == value, key
+    assert ours["queue._extra_state"]["enqueued"] == 6 * 8
+    final = load_checkpoint(checkpoint_path(tmp_path / "resumed", 6))
+    assert final["step"] == 6 and final["tokenizer"]["vocab"] == straight.tokenizer.vocab
+    model, tokenizer, config = load_model(checkpoint_path(tmp_path / "resumed", 6))
+    assert tokenizer.vocab == straight.tokenizer.vocab and config.steps == 6 and not model.training
+    assert all(torch.equal(v, theirs[k]) for k, v in model.state_dict().items() if isinstance(v, torch.Tensor))
+
+
+def test_resume_refuses_a_different_run(tmp_path):
+    train(_config(tmp_path, "--steps", "1", "--checkpoint_every", "0"))
+    with pytest.raises(ValueError, match="already holds checkpoints of an earlier run"):
+        train(_config(tmp_path, "--steps", "1", "--resume", "none"))
+    with pytest.raises(ValueError, match=r"config differs in optim.lr: 0.001 -> 0.002"):
+        train(_config(tmp_path, "--steps", "2", "--optim.lr", "2e-3"))
+    with pytest.raises(ValueError, match="no checkpoint at"):
+        train(_config(tmp_path, "--resume", str(tmp_path / "nope.pt")))
+
+
+def test_atomic_save_latest_and_prune(tmp_path):
+    assert latest(tmp_path) is None
+    for step in (5, 10, 15):
+        save_checkpoint(checkpoint_path(tmp_path, step), {"step": step, "w": torch.full((2,), float(step))})
+    folder = tmp_path / "checkpoints"
+    assert sorted(p.name for p in folder.iterdir()) == ["step_00000005.pt", "step_00000010.pt", "step_00000015.pt"]
+    assert latest(tmp_path).name == "step_00000015.pt"
+    assert torch.equal(load_checkpoint(latest(tmp_path))["w"], torch.full((2,), 15.0))
+    prune(tmp_path, keep=2)
+    assert sorted(p.name for p in folder.iterdir()) == ["step_00000010.pt", "step_00000015.pt"]
+    with pytest.raises(AttributeError):  # a failed write (unpicklable) leaves no partial or temporary file behind
+        save_checkpoint(checkpoint_path(tmp_path, 20), {"bad": lambda: None})
+    assert sorted(p.name for p in folder.iterdir()) == ["step_00000010.pt", "step_00000015.pt"]
+    with pytest.raises(FileNotFoundError, match="no checkpoint at"):
+        load_checkpoint(tmp_path / "missing.pt")
+
+
+def test_rng_state_round_trip(tmp_path):
+    state = rng_state()
+    expected = (random.random(), np.random.rand(), torch.rand(3))
+    save_checkpoint(tmp_path / "rng.pt", {"rng": state})
+    random.random(), np.random.rand(), torch.rand(3)
+    set_rng_state(load_checkpoint(tmp_path / "rng.pt")["rng"])
+    got = (random.random(), np.random.rand(), torch.rand(3))
+    assert got[:2] == expected[:2] and torch.equal(got[2], expected[2])

@@ -1,0 +1,174 @@
+"""Training: a few steps lower every loss term; config files and flags; schedule, sampler, groups."""
+
+import io
+import json
+import math
+
+import pytest
+
+from cots.train import main
+from cots.training import StepSampler, TrainConfig, config_from_dict, help_text, parse_config, read_jsonl, train
+from cots.training.log import JsonlLogger, Progress, format_duration
+from cots.training.loop import lr_factor, param_groups
+
+#: A model small enough for a 2-core CPU: 16 px images, 4 px patches, width 32, one block.
+TINY = [
+    "--model.vision", '{"image_size": 16, "patch_size": 4, "width": 32, "depth": 1, "num_heads": 2}',
+    "--model.text", '{"width": 32, "depth": 1, "num_heads": 2, "intermediate": 64}',
+    "--model.embed_dim", "32", "--model.queue_size", "64", "--model.visual_vocab_size", "16",
+    "--data.tokenizer_images", "48", "--data.max_len", "12",
+    "--device", "cpu", "--resume", "none", "--progress", "false",
+]  # fmt: skip
+
+
+def test_a_few_steps_lower_every_loss_term():
+    # One fixed batch of 16 pairs, seen every step (fresh masks each epoch).
+    config = parse_config(TINY + ["--steps", "16", "--batch_size", "16", "--data.train_size", "16",
+                                  "--log_every", "1", "--optim.lr", "3e-3", "--optim.warmup_steps", "2",
+                                  "--out_dir", "none"])
+    history = train(config).history
+    assert [r["step"] for r in history] == list(range(1, 17))
+    # i2t / t2i alone may hover near chance here: the queue fills with real (harder)
+    # keys as they fall; their sum with the KL, "itc", must fall.
+    for term in ("itc", "kl", "mlm", "mvm", "loss"):
+        values = [r[term] for r in history]
+        assert all(math.isfinite(v) for v in values), term
+        first, last = sum(values[:2]) / 2, sum(values[-2:]) / 2
+        assert last < first, f"{term}: {first:.4f} -> {last:.4f}"
+    record = history[-1]
+    for key in ("step", "epoch", "lr", "grad_norm", "images_per_s", "step_time_s", "data_time_s",
+                "peak_mem_mib", "wall_time_s", "kept", "temperature"):
+        assert key in record
+    assert record["peak_mem_mib"] > 0 and record["images_per_s"] > 0
+
+
+def test_cli_writes_config_log_and_checkpoint(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(TINY + ["--steps", "3", "--batch_size", "4", "--data.train_size", "8", "--log_every", "2",
+                        "--out_dir", str(out), "--progress", "true"]) == 0
+    records = read_jsonl(out / "log.jsonl")
+    assert [r["step"] for r in records] == [2, 3]  # every log_every steps and the last one
+    saved = config_from_dict(json.loads((out / "config.json").read_text()))
+    assert saved.steps == 3 and saved.model.queue_size == 64 and saved.optim.betas == (0.9, 0.999)
+    assert (out / "checkpoints" / "step_00000003.pt").is_file()
+    assert "3/3" in capsys.readouterr().err  # the progress bar (not a terminal: full lines)
+
+
+def test_config_file_then_flags(tmp_path):
+    toml = tmp_path / "run.toml"
+    toml.write_text('steps = 50\nseed = 3\n[optim]\nlr = 0.001\nbetas = [0.9, 0.98]\n'
+                    '[model]\nqueue_size = 128\nvision = {depth = 2}\n')
+    config = parse_config(["--config", str(toml), "--optim.lr=2e-4", "--model.vision.width", "64",
+                           "--data.dataset", "shapes_video", "--out_dir", "None"])
+    assert (config.steps, config.seed, config.optim.lr, config.optim.betas) == (50, 3, 2e-4, (0.9, 0.98))
+    assert config.model.queue_size == 128 and config.model.vision == {"depth": 2, "width": 64}
+    assert config.data.dataset == "shapes_video" and config.out_dir is None
+    js = tmp_path / "run.json"
+    config.save(js)
+    assert parse_config(["--config", str(js)]) == config
+    assert parse_config(["--progress"]).progress is True  # a bare bool flag means true
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--optim.lrr", "1"], "unknown config key 'optim.lrr'; did you mean 'lr'"),
+    (["--steps", "ten"], "steps must be an int, got 'ten'"),
+    (["--progress", "maybe"], "progress must be a bool"),
+    (["--optim.betas", "0.9"], "optim.betas must have 2 items"),
+    (["--data.dataset", "coco"], "data.dataset must be one of"),
+    (["--steps.max", "3"], "'steps' is a int; it has no key 'max'"),
+    (["--batch_size", "0"], "batch_size must be positive"),
+    (["--model.size", "huge"], "model: size must be one of"),
+    (["--model.vision.depthh", "2"], "unknown override(s) 'depthh'"),
+    (["--data.image_size", "64"], "data.image_size (64) differs from the model's image size (32)"),
+    (["--data.dataset", "captions"], "needs data.captions_json and data.vocab_file"),
+    (["--steps"], "flag --steps needs a value"),
+    (["steps", "3"], "expected a --key flag"),
+    (["--config", "missing.toml"], "does not exist"),
+])  # fmt: skip
+def test_config_errors_name_the_key(argv, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        parse_config(argv)
+
+
+def test_cli_help_and_errors(capsys):
+    assert main(["--help"]) == 0
+    text = capsys.readouterr().out
+    for flag in ("--optim.lr", "--model.queue_size", "--data.dataset", "--steps", "--precision"):
+        assert flag in text
+    assert "default 65536" in help_text()
+    assert main(["--optim.lrr", "1"]) == 2
+    assert "unknown config key 'optim.lrr'" in capsys.readouterr().err
+
+
+def test_warmup_then_cosine():
+    factors = [lr_factor(s, total=10, warmup=2, min_ratio=0.1) for s in range(10)]
+    assert factors[:3] == [0.5, 1.0, 1.0]
+    assert all(a >= b for a, b in zip(factors[1:], factors[2:], strict=False))
+    assert factors[-1] == pytest.approx(0.1)
+
+
+def test_sampler_ranks_split_the_global_batch_and_epochs_reshuffle():
+    single = StepSampler(20, 8, seed=1)
+    ranks = [StepSampler(20, 8, seed=1, rank=r, world_size=2) for r in range(2)]
+    for step in range(6):  # 2 steps per epoch (the last 4 items of an epoch are dropped)
+        assert ranks[0].indices(step) + ranks[1].indices(step) == single.indices(step)
+    epoch0 = single.global_indices(0) + single.global_indices(1)
+    assert len(set(epoch0)) == 16
+    assert epoch0 != single.global_indices(2) + single.global_indices(3)
+    assert StepSampler(20, 8, seed=1).indices(5) == single.indices(5)  # a pure function of the step
+    with pytest.raises(ValueError, match="multiple of the world size"):
+        StepSampler(20, 7, seed=0, rank=0, world_size=2)
+
+
+def test_no_weight_decay_on_biases_norms_embeddings_tokens_and_temperature():
+    config = parse_config(TINY)
+    from cots.model import COTSModel
+    from cots.tokenizers import KMeansPatchTokenizer
+
+    model = COTSModel(config.model, KMeansPatchTokenizer(16, 4), vocab_size=30)
+    decay, no_decay = param_groups(model, 0.05)
+    names = {id(p): n for n, p in model.named_parameters()}
+    exempt = {names[id(p)] for p in no_decay["params"]}
+    decayed = {names[id(p)] for p in decay["params"]}
+    assert "temperature" in exempt and "image.encoder.pos_embed" in exempt
+    assert "image.encoder.cls_token" in exempt and "image.encoder.mask_token" in exempt
+    assert any("norm" in n for n in exempt) and any(n.endswith(".bias") for n in exempt)
+    assert all(not n.endswith(".bias") and "norm" not in n for n in decayed)
+    assert "image.encoder.blocks.0.attn.qkv.weight" in decayed
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert exempt | decayed == trainable and not exempt & decayed  # momentum copies left out
+    assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
+
+
+def test_train_rejects_a_non_config():
+    with pytest.raises(TypeError, match="config must be a TrainConfig"):
+        train({"steps": 1})
+    assert isinstance(TrainConfig(), TrainConfig)
+
+
+def test_jsonl_log_drops_records_past_the_resume_step(tmp_path):
+    path = tmp_path / "log.jsonl"
+    with JsonlLogger(path) as log:
+        for step in (2, 4, 6):
+            log.write({"step": step, "loss": 1.0 / step})
+    with JsonlLogger(path, resume_step=4) as log:  # the run died after logging 6, saved at 4
+        log.write({"step": 6, "loss": 0.5})
+    assert read_jsonl(path) == [{"step": 2, "loss": 0.5}, {"step": 4, "loss": 0.25}, {"step": 6, "loss": 0.5}]
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_redraws_on_a_terminal_and_prints_lines_elsewhere():
+    tty, plain = _Terminal(), io.StringIO()
+    bars = [Progress(100, stream=tty), Progress(100, stream=plain, lines=4)]
+    for step in range(10, 101, 10):
+        for bar in bars:
+            bar.update(step, loss=2.5, images_per_s=1234.0)
+    for bar in bars:
+        bar.close()
+    assert tty.getvalue().count("\r") == 10 and tty.getvalue().endswith("100/100 loss 2.5000 | 1,234 img/s | ETA 0s\n")
+    assert [line.split()[1] for line in plain.getvalue().splitlines()] == ["30/100", "60/100", "90/100", "100/100"]
+    assert format_duration(3725) == "1h02m05s" and format_duration(65) == "1m05s"
