@@ -44,6 +44,6 @@ if wants build; then
   stage build 240 $PY -m pip install --no-build-isolation --no-deps -e . || { echo "build failed"; exit 1; }
 fi
 wants tests && stage tests 300 $PY -m pytest -q -p no:cacheprovider tests --junitxml="$OUT/tests.xml"
-wants benchmarks && stage benchmarks 360 $PY -m benchmarks.gpu.run --out "$OUT"
+wants benchmarks && stage benchmarks 540 $PY -m benchmarks.gpu.run --out "$OUT"
 wants report && stage report 120 $PY -m benchmarks.report --json "$OUT/report_gpu.json"
 exit $status

@@ -23,3 +23,13 @@ def test_report_table_lists_every_row():
     table = report.format_table([row, row])
     lines = table.splitlines()
     assert len(lines) == 4 and "2.0x" in lines[2] and "16.0x" in lines[2]
+
+
+def test_gpu_cots_step_runner_quick_on_cpu(tmp_path):
+    assert gpu_run.main(["--out", str(tmp_path), "--only", "cots_step", "--quick", "--device", "cpu"]) == 0
+    payload = json.loads((tmp_path / "gpu_cots_step.json").read_text())
+    for name in ("ours", "plain"):
+        assert payload["results"][name]["images_per_s"] > 0, name
+    # Same weights, same batch: the first step's losses agree between the two builds.
+    assert max(payload["first_step_relative_difference"].values()) < 1e-4
+    assert payload["speedup"] > 0

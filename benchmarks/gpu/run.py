@@ -18,7 +18,7 @@ from pathlib import Path
 
 from benchmarks.common import write_json
 
-MODULES = ["contrastive", "momentum", "attention"]
+MODULES = ["contrastive", "momentum", "attention", "linear_ce", "cots_step"]
 
 
 def main(argv: list[str] | None = None) -> int:
