@@ -21,7 +21,9 @@ $(STAMP): setup.py requirements/test.txt $(wildcard csrc/*.cpp csrc/*.h csrc/cud
 
 install: $(STAMP)
 
+# Train and evaluate a tiny COTS (runs/demo/), then the kernel report.
 demo: $(STAMP)
+	$(PY) -m cots.demo
 	$(PY) -m benchmarks.report
 
 # COTS_TEST_STRICT turns "extension not built" / "Triton missing" skips into failures.

@@ -82,6 +82,9 @@ setup(
     extras_require={
         "triton": ["triton>=3.6"],
         "test": ["pytest>=8", "pytest-benchmark>=5", "ninja"],
+        # The cots model layer: faiss for exact retrieval search (torch is the fallback),
+        # matplotlib for the demo's plot, pillow for caption-json image folders.
+        "cots": ["faiss-cpu", "matplotlib", "pillow"],
     },
     ext_modules=ext_modules,
     cmdclass=cmdclass,

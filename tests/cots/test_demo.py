@@ -1,0 +1,18 @@
+"""The demo (the README's first command) runs end to end: train, evaluate, summary, plot."""
+
+import json
+
+from cots import demo
+
+
+def test_quick_demo_writes_summary_and_plot(tmp_path, capsys):
+    assert demo.main(["--quick", "--steps", "6", "--out", str(tmp_path), "--device", "cpu"]) == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    metrics = summary["metrics"]
+    for direction in ("i2t", "t2i"):
+        for k in (1, 5, 10):
+            assert 0 <= metrics[f"{direction}_r{k}"] <= 100
+            assert metrics[f"{direction}_r{k}_chance"] > 0
+    assert summary["history"] and {"itc", "mlm", "mvm", "kl"} <= set(summary["history"][-1])
+    assert (tmp_path / "demo.png").stat().st_size > 1000
+    assert "text -> image" in capsys.readouterr().out
