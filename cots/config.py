@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
@@ -29,6 +29,11 @@ class COTSConfig:
         vision: overrides of :meth:`VisionConfig.preset` fields, e.g. ``{"image_size": 256}``.
         text: overrides of :meth:`TextConfig.preset` fields (``vocab_size`` comes from
             the tokenizer).
+        vision_weights: a local timm ViT state dict (.pt, .pth, .bin or .safetensors)
+            loaded into the image encoder (:func:`cots.encoders.load_timm_vit`) before
+            its momentum copy is made, as ALBEF and COTS start; None: random init.
+        text_weights: a local Hugging Face BERT state dict for the text encoder
+            (:func:`cots.encoders.load_hf_bert`); use the tokenizer of the same vocab.
         embed_dim: the shared embedding width (projections of the [CLS] features).
         queue_size: Q, slots of each of the two paired queues.
         queue_dtype: storage dtype of the queues: "float32", "bfloat16" or "float16".
@@ -62,6 +67,8 @@ class COTSConfig:
     size: str = "tiny"
     vision: dict[str, Any] = field(default_factory=dict)
     text: dict[str, Any] = field(default_factory=dict)
+    vision_weights: Optional[str] = None
+    text_weights: Optional[str] = None
     embed_dim: int = 256
     queue_size: int = 65536
     queue_dtype: str = "float32"
@@ -113,6 +120,10 @@ class COTSConfig:
             raise ValueError(f"temperature must be positive and finite, got {self.temperature!r}")
         if self.itc_weight == self.mlm_weight == self.mvm_weight == 0:
             raise ValueError("at least one of itc_weight, mlm_weight, mvm_weight must be > 0")
+        for name in ("vision_weights", "text_weights"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str):
+                raise TypeError(f"{name} must be a path string or None, got {type(value).__name__}")
         # Build both encoder configs now so that a bad override fails at construction.
         self.vision_config()
         self.text_config(vocab_size=TextConfig.preset(self.size).vocab_size)

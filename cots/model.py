@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cots.config import QUEUE_DTYPES, COTSConfig
-from cots.encoders import TextEncoder, VisionTransformer
+from cots.encoders import TextEncoder, VisionTransformer, load_hf_bert, load_timm_vit
 from cots_kernels import (
     AdaptiveMomentumFilter,
     ContrastiveOutput,
@@ -179,8 +179,14 @@ class COTSModel(nn.Module):
                 f"the visual tokenizer's patch_size {getattr(visual_tokenizer, 'patch_size', None)} "
                 f"differs from the image encoder's {vision_cfg.patch_size}"
             )
-        self.image = ImageTower(VisionTransformer(vision_cfg, attn_impl=config.attn_impl), config.embed_dim)
-        self.text = TextTower(TextEncoder(text_cfg, attn_impl=config.attn_impl), config.embed_dim, config.text_pooling)
+        vision, text = VisionTransformer(vision_cfg, config.attn_impl), TextEncoder(text_cfg, config.attn_impl)
+        if config.vision_weights is not None:
+            load_timm_vit(vision, config.vision_weights)
+        if config.text_weights is not None:
+            load_hf_bert(text, config.text_weights)
+        self.image = ImageTower(vision, config.embed_dim)
+        self.text = TextTower(text, config.embed_dim, config.text_pooling)
+        # The momentum copies start from the (possibly pretrained) online encoders.
         self.image_momentum = MomentumEncoder(self.image, config.momentum)
         self.text_momentum = MomentumEncoder(self.text, config.momentum)
         self.queue = PairedQueue(config.embed_dim, config.queue_size, QUEUE_DTYPES[config.queue_dtype])

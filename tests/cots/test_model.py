@@ -167,3 +167,27 @@ def test_mean_pooling_ignores_padding():
     torch.testing.assert_close(model.encode_text(padded, mask), short, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="text_pooling"):
         _config(text_pooling="max")
+
+
+def test_pretrained_encoder_weights_load_into_online_and_momentum_copies(tmp_path):
+    from cots.encoders import PretrainedLoadError
+
+    from .test_pretrained import hf_bert_state, timm_vit_state
+
+    config = _config()
+    vision_state = timm_vit_state(config.vision_config())
+    text_state = hf_bert_state(config.text_config(VOCAB))
+    torch.save(vision_state, tmp_path / "vit.pt")
+    torch.save(text_state, tmp_path / "bert.bin")
+    model = COTSModel(
+        _config(vision_weights=str(tmp_path / "vit.pt"), text_weights=str(tmp_path / "bert.bin")),
+        BrightnessTokenizer(), VOCAB,
+    )  # fmt: skip
+    for encoder in (model.image.encoder, model.image_momentum.module.encoder):
+        torch.testing.assert_close(encoder.pos_embed, vision_state["pos_embed"].float())
+    word = text_state["bert.embeddings.word_embeddings.weight"]
+    for encoder in (model.text.encoder, model.text_momentum.module.encoder):
+        torch.testing.assert_close(encoder.embeddings.word.weight, word.float())
+    torch.save(text_state, tmp_path / "bert_wrong_vocab.bin")
+    with pytest.raises(PretrainedLoadError, match="word"):
+        COTSModel(_config(text_weights=str(tmp_path / "bert_wrong_vocab.bin")), BrightnessTokenizer(), VOCAB + 1)
