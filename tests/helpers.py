@@ -7,7 +7,9 @@ reference run in the same dtype, plus a small absolute floor.
 
 from __future__ import annotations
 
+import importlib
 import os
+from types import ModuleType
 from typing import Optional
 
 import pytest
@@ -33,6 +35,17 @@ requires_extension = pytest.mark.skipif(
 requires_triton = pytest.mark.skipif(
     not STRICT and not _triton_utils.TRITON_INSTALLED, reason="Triton is not installed"
 )
+
+
+def optional_module(name: str) -> ModuleType:
+    """Import an optional dependency (faiss, pillow, matplotlib).
+
+    Without it the test is skipped (a GPU machine may lack it), except under
+    COTS_TEST_STRICT, where CI has installed it and a failed import must fail.
+    """
+    if STRICT:
+        return importlib.import_module(name)
+    return pytest.importorskip(name)
 
 
 def triton_device() -> torch.device:

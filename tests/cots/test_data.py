@@ -5,7 +5,6 @@ import re
 
 import pytest
 import torch
-from PIL import Image
 
 from cots.data import (
     SHAPES_MEAN,
@@ -18,6 +17,8 @@ from cots.data import (
 )
 from cots.data.synthetic import COLORS
 from cots.tokenizers import WordTokenizer
+
+from ..helpers import optional_module
 
 _SIZE = {"small": "small", "little": "small", "large": "large", "big": "large"}
 _REL = {"left of": "left of", "to the left of": "left of", "on the left of": "left of",
@@ -117,7 +118,7 @@ def test_video_motion_matches_caption():
 
 
 def _write_png(path, size, color):
-    Image.new("RGB", size, color).save(path)
+    optional_module("PIL.Image").new("RGB", size, color).save(path)
 
 
 def test_caption_json_dataset(tmp_path):

@@ -4,8 +4,11 @@ import json
 
 from cots import demo
 
+from ..helpers import optional_module
+
 
 def test_quick_demo_writes_summary_and_plot(tmp_path, capsys):
+    optional_module("matplotlib")
     assert demo.main(["--quick", "--steps", "6", "--out", str(tmp_path), "--device", "cpu"]) == 0
     summary = json.loads((tmp_path / "summary.json").read_text())
     metrics = summary["metrics"]
