@@ -158,7 +158,11 @@ def cots_contrastive_loss(
     weight = _check_weight(sample_weight, problem)
     implementation = _dispatch.choose(IMPLEMENTATIONS, impl, problem, "cots_contrastive_loss")
 
-    i2t, t2i, kl = implementation.run(problem)  # (B,) each
+    # Autocast would re-cast the torch path's chunk matmuls in the forward but not in
+    # its recomputing backward (outside the autocast region): the inputs' dtypes are the
+    # op's contract, as for any fused op.
+    with torch.autocast(image_query.device.type, enabled=False):
+        i2t, t2i, kl = implementation.run(problem)  # (B,) each
     total = 0.5 * (i2t + t2i)
     if kl_weight != 0:
         total = total + kl_weight * kl

@@ -348,3 +348,20 @@ def test_module_rejects_bad_bounds():
         CotsContrastiveLoss(temperature_bounds=(0.5, 0.1))
     with pytest.raises(ValueError, match="temperature must be positive"):
         CotsContrastiveLoss(-0.1)
+
+
+@pytest.mark.parametrize("impl", ["torch", "reference"])
+def test_autocast_does_not_change_the_computation(impl):
+    """Under bf16 autocast (how users train) the loss computes in its inputs' dtype."""
+    gen = torch.Generator().manual_seed(0)
+    emb = [F.normalize(torch.randn(6, 16, generator=gen), dim=1).requires_grad_() for _ in range(2)]
+    keys = [F.normalize(torch.randn(6, 16, generator=gen), dim=1) for _ in range(2)]
+    queue = [F.normalize(torch.randn(20, 16, generator=gen), dim=1) for _ in range(2)]
+    plain = cots_contrastive_loss(*emb, *keys, *queue, 0.07, impl=impl).loss
+    plain_grads = torch.autograd.grad(plain, emb)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = cots_contrastive_loss(*emb, *keys, *queue, 0.07, impl=impl).loss
+    grads = torch.autograd.grad(loss, emb)
+    assert torch.equal(loss, plain)
+    for g, p in zip(grads, plain_grads):
+        assert torch.equal(g, p)
