@@ -43,8 +43,8 @@ class COTSConfig:
             positives and stall learning; pretrained encoders (ALBEF, COTS) need no
             warm-up.
         momentum: EMA momentum of the momentum encoders.
-        temperature: initial tau; learnable and clamped to [0.001, 0.5] when
-            ``learnable_temperature``.
+        temperature: initial tau. With ``learnable_temperature`` it is a parameter,
+            clamped to [0.001, 0.5] before each forward (ALBEF); otherwise fixed as given.
         kl_weight: weight of the task-level KL(p_i2t || p_t2i) alignment.
         distill_alpha: ALBEF momentum distillation; 0 gives one-hot targets.
         in_batch_negatives: score queries against the whole (gathered) batch of keys,

@@ -14,11 +14,13 @@ Optimistic or index-order tie breaking lets a collapsed encoder (every embedding
 a classic failure of contrastive training) score perfect or arbitrary recall, depending
 on how the data happen to be ordered; counted pessimistically it gets the worst rank
 there is, so degenerate models can only look bad, and the result does not depend on
-the order of the gallery or on the backend.
+the order of the gallery.
 
-Two exact backends rank the same: "torch" (chunked matmul on the embeddings' device)
-and "faiss" (``IndexFlatIP``, on the GPU when the faiss build has GPU support and the
-embeddings are on CUDA).
+Two exact backends: "torch" (chunked matmul on the embeddings' device) and "faiss"
+(``IndexFlatIP``, on the GPU when the faiss build has GPU support and the embeddings
+are on CUDA). They agree wherever scores differ by more than float32 rounding; scores
+that tie mathematically between distinct embeddings (e.g. exactly orthogonal ones) may
+be split by rounding differently, so a rank can differ between backends there.
 """
 
 from __future__ import annotations

@@ -161,7 +161,8 @@ def run(out_dir: pathlib.Path, device: str = "cuda", quick: bool = False, batch_
         cls = PlainCOTSModel if name == "plain" else COTSModel
         model = cls(cfg, HashPatchTokenizer(cfg.visual_vocab_size, cfg.vision_config().patch_size), TEXT_VOCAB).to(dev)
         if state is None:
-            state = copy.deepcopy(model.state_dict())  # tensors and the queues' ring state
+            # A host copy: a device copy would stay allocated and inflate both peaks.
+            state = {k: v.cpu().clone() if torch.is_tensor(v) else copy.deepcopy(v) for k, v in model.state_dict().items()}
         else:
             model.load_state_dict(state)  # same weights, queues and filter state
         batch = _batch(model, batch_size, dev, quick)

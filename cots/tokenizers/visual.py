@@ -116,6 +116,9 @@ class KMeansPatchTokenizer(nn.Module):
         self.in_chans = in_chans
         self.register_buffer("centroids", torch.zeros(vocab_size, in_chans * patch_size ** 2))
         self.register_buffer("fitted", torch.tensor(False))
+        # A host-side mirror of the buffer: once it is True, forward checks it without a
+        # device sync (the buffer may also be filled by load_state_dict or a broadcast).
+        self._is_fitted = False
 
     @torch.no_grad()
     def fit(self, images: torch.Tensor, *, niter: int = 20, seed: int = 0,
@@ -153,12 +156,15 @@ class KMeansPatchTokenizer(nn.Module):
             centroids = torch.from_numpy(kmeans.centroids)
         self.centroids.copy_(centroids)
         self.fitted.fill_(True)
+        self._is_fitted = True
         return self
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Nearest-centroid id per patch: images (B, C, H, W) -> LongTensor (B, N)."""
-        if not bool(self.fitted):
+        if not self._is_fitted:
+            self._is_fitted = bool(self.fitted)
+        if not self._is_fitted:
             raise RuntimeError("KMeansPatchTokenizer is not fitted: call fit(images) or load "
                                "a state_dict that holds fitted centroids")
         _check_images(images, self.patch_size, self.in_chans)

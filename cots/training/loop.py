@@ -2,9 +2,10 @@
 
 One optimizer step, in COTS's order: ``loss = model(batch).loss`` (under bf16 autocast
 when asked), backward, gradient clipping, AdamW step, schedule step, then
-``after_step()`` (momentum EMA and enqueue of this step's keys). The host waits for the
-device only at logged steps (and checkpoints): the loss terms and gradient norms of the
-other steps are summed on the device.
+``after_step()`` (momentum EMA and enqueue of this step's keys). The loop itself waits
+for the device only at logged steps (and checkpoints): the loss terms and gradient norms
+of the other steps are summed on the device. (The model's MLM and MVM heads select the
+masked positions, a host sync each.)
 
 Data order is a pure function of the step: the global batch of step ``s`` is a slice of
 a permutation of the training set seeded by ``(seed, epoch)``, and DDP rank ``r`` of

@@ -191,3 +191,36 @@ def test_pretrained_encoder_weights_load_into_online_and_momentum_copies(tmp_pat
     torch.save(text_state, tmp_path / "bert_wrong_vocab.bin")
     with pytest.raises(PretrainedLoadError, match="word"):
         COTSModel(_config(text_weights=str(tmp_path / "bert_wrong_vocab.bin")), BrightnessTokenizer(), VOCAB + 1)
+
+
+class RecordingTokenizer(BrightnessTokenizer):
+    """Records the dtype and autocast state it was called with."""
+
+    calls: list = []
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        self.calls.append((images.dtype, torch.is_autocast_enabled("cpu")))
+        return super().forward(images)
+
+
+def test_visual_targets_are_computed_in_float32_under_autocast():
+    torch.manual_seed(0)
+    tokenizer = RecordingTokenizer()
+    model = COTSModel(_config(), tokenizer, VOCAB)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(_batch())
+    out.loss.backward()
+    assert tokenizer.calls == [(torch.float32, False)]
+    assert all(v.dtype == torch.float32 for v in out.terms.values())
+
+
+def test_temperature_term_is_a_snapshot_and_a_fixed_temperature_is_not_clamped():
+    torch.manual_seed(0)
+    model = COTSModel(_config(), BrightnessTokenizer(), VOCAB)
+    out = model(_batch())
+    out.loss.backward()
+    with torch.no_grad():
+        model.temperature.add_(1.0)  # as an optimizer step would
+    assert out.terms["temperature"].item() == pytest.approx(0.07)
+    fixed = COTSModel(_config(temperature=1.0, learnable_temperature=False), BrightnessTokenizer(), VOCAB)
+    assert fixed(_batch()).terms["temperature"].item() == 1.0
