@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -90,9 +91,18 @@ def _plot(history: list[dict[str, Any]], metrics: dict[str, float], path: Path) 
     plt.close(fig)
 
 
+def _clear_previous_run(out_dir: Path) -> None:
+    """Remove what an earlier demo wrote there: the demo always trains afresh (training
+    refuses to start over a folder holding another run's checkpoints)."""
+    shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)
+    for name in ("config.json", "log.jsonl", "summary.json", "demo.png"):
+        (out_dir / name).unlink(missing_ok=True)
+
+
 def run(out_dir: Path, steps: int, device: str = "auto", quick: bool = False, test_size: int = 500) -> dict[str, Any]:
     """Train, evaluate, write ``summary.json`` and ``demo.png``; return the summary."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    _clear_previous_run(out_dir)
     config = demo_config(out_dir, steps, device, quick)
     start = time.perf_counter()
     result = train(config)

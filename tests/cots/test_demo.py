@@ -19,3 +19,6 @@ def test_quick_demo_writes_summary_and_plot(tmp_path, capsys):
     assert summary["history"] and {"itc", "mlm", "mvm", "kl"} <= set(summary["history"][-1])
     assert (tmp_path / "demo.png").stat().st_size > 1000
     assert "text -> image" in capsys.readouterr().out
+    # `make demo` twice: the second run starts afresh in the same folder.
+    assert demo.main(["--quick", "--steps", "3", "--out", str(tmp_path), "--device", "cpu"]) == 0
+    assert json.loads((tmp_path / "summary.json").read_text())["config"]["steps"] == 3
