@@ -16,6 +16,7 @@ an uninterrupted one sees, and W ranks together see what one process sees.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import random
@@ -31,6 +32,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from cots.config import COTSConfig
 from cots.data import VOCABULARY, CaptionJsonDataset, CotsCollator, MovingShapesDataset, ShapesDataset
 from cots.model import COTSModel
 from cots.tokenizers import KMeansPatchTokenizer, WordPieceTokenizer, WordTokenizer
@@ -357,7 +359,9 @@ def _train(config: TrainConfig, info: distributed.DistInfo, callbacks: list[Call
             visual_tokenizer.fit(tokenizer_sample(train_set, config.data.tokenizer_images, config.seed),
                                  seed=config.seed)
         _broadcast_module(visual_tokenizer, info)
-    model = COTSModel(config.model, visual_tokenizer, vocab_size=tokenizer.vocab_size).to(device)
+    # A resumed run takes every weight from its checkpoint, not the pretrained files.
+    model_config = config.model if resumed is None else without_pretrained(config.model)
+    model = COTSModel(model_config, visual_tokenizer, vocab_size=tokenizer.vocab_size).to(device)
     optimizer = build_optimizer(model, config, device)
     scheduler = build_scheduler(optimizer, config)
     start = 0
@@ -504,6 +508,12 @@ class _Meter:
         return {"names": self.names, "sums": [] if self.sums is None else self.sums.tolist(), "steps": self.count}
 
 
+def without_pretrained(model_config: COTSConfig) -> COTSConfig:
+    """``model_config`` without its pretrained-weight files: for models whose weights
+    come from a checkpoint (the files need not exist on the machine that loads it)."""
+    return dataclasses.replace(model_config, vision_weights=None, text_weights=None)
+
+
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[COTSModel, TextTokenizer, TrainConfig]:
     """The model, text tokenizer and config of a checkpoint written by :func:`train`.
 
@@ -516,7 +526,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[CO
     tokenizer = tokenizer_from_state(state["tokenizer"])
     vision = config.model.vision_config()
     visual_tokenizer = KMeansPatchTokenizer(config.model.visual_vocab_size, vision.patch_size, in_chans=vision.in_chans)
-    model = COTSModel(config.model, visual_tokenizer, vocab_size=tokenizer.vocab_size)
+    model = COTSModel(without_pretrained(config.model), visual_tokenizer, vocab_size=tokenizer.vocab_size)
     model.load_state_dict(state["model"])
     return model.to(device).eval(), tokenizer, config
 

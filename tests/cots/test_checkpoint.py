@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from cots.encoders import VisionTransformer
 from cots.training import latest, load_checkpoint, load_model, parse_config, read_jsonl, train
 from cots.training.checkpoint import checkpoint_path, prune, rng_state, save_checkpoint, set_rng_state
 
@@ -95,3 +96,20 @@ def test_rng_state_round_trip(tmp_path):
     set_rng_state(load_checkpoint(tmp_path / "rng.pt")["rng"])
     got = (random.random(), np.random.rand(), torch.rand(3))
     assert got[:2] == expected[:2] and torch.equal(got[2], expected[2])
+
+
+def test_resume_and_load_do_not_need_the_pretrained_files(tmp_path):
+    """Weights come from the checkpoint; the pretrained file may be gone by then."""
+    weights = tmp_path / "vit.pt"
+    flags = ["--steps", "2", "--checkpoint_every", "1", "--model.vision_weights", str(weights)]
+    vision = VisionTransformer(_config(tmp_path / "run", *flags).model.vision_config())
+    torch.save({k: v for k, v in vision.state_dict().items() if k != "mask_token"}, weights)
+    first = train(_config(tmp_path / "run", *flags), callbacks=[lambda state: state.step == 1])
+    momentum_pos = first.model.image_momentum.module.encoder.pos_embed
+    assert (momentum_pos - vision.pos_embed).abs().max() < 0.05  # one EMA step from the pretrained start
+    weights.unlink()
+    second = train(_config(tmp_path / "run", *flags))
+    assert second.step == 2
+    model, _, loaded = load_model(latest(tmp_path / "run"))
+    assert loaded.model.vision_weights == str(weights)
+    assert torch.equal(model.image.encoder.pos_embed, second.model.image.encoder.pos_embed)
