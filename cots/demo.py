@@ -24,7 +24,7 @@ import torch
 
 from cots.config import COTSConfig
 from cots.data import ShapesDataset
-from cots.retrieval import evaluate
+from cots.retrieval import evaluate, format_metrics
 from cots.training.config import DataConfig, OptimConfig, TrainConfig
 from cots.training.loop import train
 
@@ -55,15 +55,6 @@ def demo_config(out_dir: Path, steps: int, device: str, quick: bool) -> TrainCon
         model=model, data=data, optim=optim, steps=steps, batch_size=16 if quick else 64, device=device,
         log_every=max(1, steps // 50), checkpoint_every=0, out_dir=str(out_dir), resume=None,
     )  # fmt: skip
-
-
-def _format_table(metrics: dict[str, float]) -> str:
-    lines = [f"{'direction':<15}" + "".join(f"{f'R@{k}':>9}{'chance':>9}" for k in KS) + f"{'R@1 / chance':>14}"]
-    names = {"i2t": "image -> text", "t2i": "text -> image"}
-    for d in DIRECTIONS:
-        cells = "".join(f"{metrics[f'{d}_r{k}']:>8.1f}%{metrics[f'{d}_r{k}_chance']:>8.2f}%" for k in KS)
-        lines.append(f"{names[d]:<15}{cells}{metrics[f'{d}_r1'] / metrics[f'{d}_r1_chance']:>13.0f}x")
-    return "\n".join(lines)
 
 
 def _plot(history: list[dict[str, Any]], metrics: dict[str, float], path: Path) -> None:
@@ -137,7 +128,7 @@ def run(out_dir: Path, steps: int, device: str = "auto", quick: bool = False, te
     _plot(result.history, metrics, out_dir / "demo.png")
     print(
         f"\ntrained {steps} steps in {train_s:.0f} s on {device_used}; evaluated {test_size} held-out images x "
-        f"{CAPTIONS_PER_IMAGE} captions in {eval_s:.0f} s\n\n{_format_table(metrics)}\n\n"
+        f"{CAPTIONS_PER_IMAGE} captions in {eval_s:.0f} s\n\n{format_metrics(metrics)}\n\n"
         f"R@1 at least {TARGET_FACTOR:.0f}x chance both ways: {'yes' if summary['meets_target'] else 'NO'}\n"
         f"wrote {out_dir / 'summary.json'} and {out_dir / 'demo.png'}",
         flush=True,

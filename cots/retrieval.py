@@ -37,6 +37,7 @@ __all__ = [
     "chance_recall",
     "encode_dataset",
     "evaluate",
+    "format_metrics",
     "retrieval_metrics",
     "video_retrieval_metrics",
 ]
@@ -79,6 +80,25 @@ def chance_recall(num_candidates: int, k: int, num_positives: int = 1) -> float:
     # Exact integer binomials; int / int true division rounds correctly even for huge values.
     miss = math.comb(num_candidates - num_positives, k) / math.comb(num_candidates, k)
     return 100.0 * (1.0 - miss)
+
+
+_DIRECTION_NAMES = {"i2t": "image -> text", "t2i": "text -> image", "v2t": "video -> text", "t2v": "text -> video"}
+
+
+def format_metrics(metrics: dict[str, float], ks: Sequence[int] = (1, 5, 10)) -> str:
+    """A text table of R@K next to chance, and median rank, for each direction in ``metrics``.
+
+    ``metrics`` is what :func:`retrieval_metrics`, :func:`video_retrieval_metrics` or
+    :func:`evaluate` return (with their ``*_chance`` entries).
+    """
+    directions = [d for d in _DIRECTION_NAMES if f"{d}_r{ks[0]}" in metrics]
+    header = f"{'direction':<15}" + "".join(f"{f'R@{k}':>9}{'chance':>9}" for k in ks)
+    lines = [header + f"{'median rank':>13}{'R@1 / chance':>14}"]
+    for d in directions:
+        cells = "".join(f"{metrics[f'{d}_r{k}']:>8.1f}%{metrics[f'{d}_r{k}_chance']:>8.2f}%" for k in ks)
+        over_chance = metrics[f"{d}_r1"] / metrics[f"{d}_r1_chance"]
+        lines.append(f"{_DIRECTION_NAMES[d]:<15}{cells}{metrics[f'{d}_medr']:>13.1f}{over_chance:>13.1f}x")
+    return "\n".join(lines)
 
 
 def retrieval_metrics(
@@ -417,6 +437,14 @@ def _check_inputs(
 # --------------------------------------------------------------------------- encoding
 
 
+def _report(done: int, total: int, interactive: bool) -> None:
+    """Progress on stderr: rewritten in place on a terminal, a line per tenth in a log."""
+    if interactive:
+        print(f"\rencoding {done}/{total}", end="", file=sys.stderr, flush=True)
+    elif done == total or done % max(1, total // 10) == 0:
+        print(f"encoding {done}/{total}", file=sys.stderr, flush=True)
+
+
 def _encode(
     model: nn.Module,
     dataset: Any,
@@ -432,6 +460,7 @@ def _encode(
     if not isinstance(max_len, int) or isinstance(max_len, bool) or max_len < 1:
         raise ValueError(f"max_len must be a positive int, got {max_len!r}")
     num_items = len(dataset)
+    interactive = sys.stderr.isatty()
     if num_items == 0:
         raise ValueError("dataset is empty")
     if device is None:
@@ -483,12 +512,12 @@ def _encode(
                 while len(captions) >= batch_size:
                     flush_text(batch_size)
                 if progress:
-                    print(f"\rencoding {i + 1}/{num_items}", end="", file=sys.stderr, flush=True)
+                    _report(i + 1, num_items, interactive)
             if visuals:
                 flush_visual()
             if captions:
                 flush_text(len(captions))
-            if progress:
+            if progress and interactive:
                 print(file=sys.stderr)
     finally:
         model.train(was_training)
