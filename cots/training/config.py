@@ -40,6 +40,9 @@ class DataConfig:
         vocab_file: a WordPiece vocabulary (one token a line) for "captions"; the
             synthetic datasets build a word vocabulary from their training captions.
         max_len: text length in tokens, [CLS] and [SEP] included.
+        eval_captions_json: a caption json to evaluate retrieval on during training
+            (e.g. COCO's val split); the synthetic datasets use their own "val" split.
+        eval_image_root: directory of ``eval_captions_json``'s images (default: its folder).
         tokenizer_images: training images the k-means visual tokenizer is fitted on
             (a deterministic sample).
         num_workers: DataLoader worker processes (0 loads in the training process).
@@ -54,6 +57,8 @@ class DataConfig:
     image_root: Optional[str] = None
     vocab_file: Optional[str] = None
     max_len: int = 16
+    eval_captions_json: Optional[str] = None
+    eval_image_root: Optional[str] = None
     tokenizer_images: int = 512
     num_workers: int = 0
 
@@ -99,6 +104,8 @@ class TrainConfig:
         log_every: steps between JSONL records (each a mean over its steps); also the
             only steps at which the host waits for the device.
         checkpoint_every: steps between checkpoints; 0 saves only at the end.
+        eval_every: steps between retrieval evaluations on the held-out split (rank 0;
+            results go to the JSONL log as {"step", "eval"} records); 0 never evaluates.
         keep_checkpoints: how many of the latest checkpoints to keep.
         out_dir: where config.json, log.jsonl and checkpoints/ go; None writes nothing.
         resume: "auto" (the latest checkpoint in out_dir, if any), a checkpoint path, or
@@ -116,6 +123,7 @@ class TrainConfig:
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     log_every: int = 10
     checkpoint_every: int = 500
+    eval_every: int = 0
     keep_checkpoints: int = 3
     out_dir: Optional[str] = "runs/cots"
     resume: Optional[str] = "auto"
@@ -146,7 +154,7 @@ class TrainConfig:
         for name, value in positive.items():
             if value <= 0:
                 raise ValueError(f"{name} must be positive, got {value!r}")
-        for name, value in {"checkpoint_every": self.checkpoint_every,
+        for name, value in {"checkpoint_every": self.checkpoint_every, "eval_every": self.eval_every,
                             "optim.warmup_steps": self.optim.warmup_steps,
                             "data.num_workers": self.data.num_workers}.items():
             if value < 0:

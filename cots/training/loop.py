@@ -20,6 +20,7 @@ import dataclasses
 import json
 import math
 import random
+import sys
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -35,6 +36,7 @@ from torch.utils.data import DataLoader, Dataset
 from cots.config import COTSConfig
 from cots.data import VOCABULARY, CaptionJsonDataset, CotsCollator, MovingShapesDataset, ShapesDataset
 from cots.model import COTSModel
+from cots.retrieval import evaluate, format_metrics
 from cots.tokenizers import KMeansPatchTokenizer, WordPieceTokenizer, WordTokenizer
 
 from . import checkpoint as ckpt
@@ -109,7 +111,8 @@ class StepSampler:
 
 
 def build_datasets(config: TrainConfig) -> tuple[Dataset, Optional[Dataset]]:
-    """The training dataset and, for the synthetic data, a held-out evaluation split."""
+    """The training dataset and the held-out evaluation set: the synthetic data's "val"
+    split, or ``data.eval_captions_json`` (None when there is none)."""
     data, size = config.data, config.image_size
     if data.dataset == "shapes":
         return (ShapesDataset(data.train_size, split="train", image_size=size, seed=config.seed),
@@ -120,7 +123,11 @@ def build_datasets(config: TrainConfig) -> tuple[Dataset, Optional[Dataset]]:
                 MovingShapesDataset(data.eval_size, frames=data.num_frames, split="val", image_size=size,
                                     seed=config.seed))
     root = data.image_root if data.image_root is not None else str(Path(data.captions_json).parent)
-    return CaptionJsonDataset(data.captions_json, root, image_size=size), None
+    eval_set = None
+    if data.eval_captions_json is not None:
+        eval_root = data.eval_image_root or str(Path(data.eval_captions_json).parent)
+        eval_set = CaptionJsonDataset(data.eval_captions_json, eval_root, image_size=size)
+    return CaptionJsonDataset(data.captions_json, root, image_size=size), eval_set
 
 
 def build_text_tokenizer(config: TrainConfig) -> TextTokenizer:
@@ -264,7 +271,8 @@ class TrainResult:
         history: the records logged by this call (a resumed run: only its own steps).
         step: optimizer steps done in total.
         checkpoint: the last checkpoint written, or None.
-        datasets: the training dataset and the evaluation split (None for caption files).
+        datasets: the training dataset and the evaluation set (None when there is none).
+        evaluations: the {"step", "eval": metrics} records of this call's evaluations.
     """
 
     model: COTSModel
@@ -273,6 +281,7 @@ class TrainResult:
     step: int
     checkpoint: Optional[Path]
     datasets: tuple[Dataset, Optional[Dataset]] = field(repr=False)
+    evaluations: list[dict[str, Any]] = field(default_factory=list)
 
 
 def seed_everything(seed: int) -> None:
@@ -410,6 +419,7 @@ def _train(config: TrainConfig, info: distributed.DistInfo, callbacks: list[Call
     data_time = 0.0
     t_start = t_last = time.perf_counter()
     last_checkpoint: Optional[Path] = None
+    evaluations: list[dict[str, Any]] = []
     step = start
     while step < config.steps:
         t_data = time.perf_counter()
@@ -459,6 +469,14 @@ def _train(config: TrainConfig, info: distributed.DistInfo, callbacks: list[Call
             t_save = time.perf_counter()
             last_checkpoint = _save(config, info, model, optimizer, scheduler, step, tokenizer, meter.state())
             t_last += time.perf_counter() - t_save  # throughput counts training, not saving
+        if eval_set is not None and config.eval_every > 0 and (step % config.eval_every == 0 or step == config.steps):
+            t_eval = time.perf_counter()
+            evaluation = _evaluate(model, eval_set, tokenizer, config, info, step)
+            if evaluation is not None:
+                evaluations.append(evaluation)
+                if logger is not None:
+                    logger.write(evaluation)
+            t_last += time.perf_counter() - t_eval  # throughput counts training, not evaluation
         if any(answers):
             break
 
@@ -467,7 +485,21 @@ def _train(config: TrainConfig, info: distributed.DistInfo, callbacks: list[Call
     if logger is not None:
         logger.close()
     return TrainResult(model=model, tokenizer=tokenizer, history=history, step=step,
-                       checkpoint=last_checkpoint, datasets=(train_set, eval_set))
+                       checkpoint=last_checkpoint, datasets=(train_set, eval_set), evaluations=evaluations)
+
+
+def _evaluate(model: COTSModel, eval_set: Dataset, tokenizer: TextTokenizer, config: TrainConfig,
+              info: distributed.DistInfo, step: int) -> Optional[dict[str, Any]]:
+    """Retrieval on the held-out set by rank 0 (the others wait); its {"step", "eval"} record."""
+    record = None
+    if info.is_main:
+        metrics = evaluate(model, eval_set, tokenizer, batch_size=max(64, config.batch_size // info.world_size),
+                           max_len=config.data.max_len)
+        record = {"step": step, "eval": metrics}
+        if config.progress:
+            print(f"\nstep {step}: held-out retrieval\n{format_metrics(metrics)}", file=sys.stderr, flush=True)
+    distributed.barrier(info)
+    return record
 
 
 class _Meter:
@@ -568,7 +600,10 @@ def state_checksum(model: nn.Module) -> list[float]:
 # Keys that may change between an interrupted run and its resumption: they do not change
 # what is computed ("steps" extends or shortens the schedule from there on).
 _RESUMABLE_CHANGES = {"resume", "progress", "log_every", "checkpoint_every", "keep_checkpoints", "out_dir",
-                      "device", "steps", "data.num_workers"}
+                      "device", "steps", "data.num_workers", "eval_every", "data.eval_size",
+                      "data.eval_captions_json", "data.eval_image_root",
+                      # weights come from the checkpoint on resume; the files may have moved
+                      "model.vision_weights", "model.text_weights"}
 
 
 def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:

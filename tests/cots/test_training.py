@@ -172,3 +172,16 @@ def test_progress_redraws_on_a_terminal_and_prints_lines_elsewhere():
     assert tty.getvalue().count("\r") == 10 and tty.getvalue().endswith("100/100 loss 2.5000 | 1,234 img/s | ETA 0s\n")
     assert [line.split()[1] for line in plain.getvalue().splitlines()] == ["30/100", "60/100", "90/100", "100/100"]
     assert format_duration(3725) == "1h02m05s" and format_duration(65) == "1m05s"
+
+
+def test_periodic_evaluation_is_logged(tmp_path):
+    config = parse_config(TINY + ["--steps", "3", "--batch_size", "8", "--data.train_size", "16",
+                                  "--data.eval_size", "8", "--eval_every", "2", "--out_dir", str(tmp_path)])
+    result = train(config)
+    assert [e["step"] for e in result.evaluations] == [2, 3]  # every 2 steps and at the end
+    for evaluation in result.evaluations:
+        assert 0 <= evaluation["eval"]["t2i_r1"] <= 100 and evaluation["eval"]["t2i_r10"] == 100.0  # 8 images
+    logged = [r for r in read_jsonl(tmp_path / "log.jsonl") if "eval" in r]
+    assert logged == result.evaluations
+    with pytest.raises(ValueError, match="eval_every"):
+        parse_config(TINY + ["--eval_every", "-1"])
