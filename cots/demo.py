@@ -137,6 +137,7 @@ def run(out_dir: Path, steps: int, device: str = "auto", quick: bool = False, te
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Command line entry point; returns 1 when R@1 misses 10x chance (outside --quick)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("runs/demo"), help="output folder (default runs/demo)")
     parser.add_argument("--steps", type=int, default=None, help="training steps (default 240, 20 with --quick)")

@@ -58,6 +58,7 @@ def evaluation_dataset(
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Command line entry point (see the module docstring)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("checkpoint", type=Path, help="a checkpoint written by python -m cots.train")
     parser.add_argument("--split", default="test", choices=("val", "test"), help="synthetic split (default test)")

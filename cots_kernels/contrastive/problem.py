@@ -106,6 +106,7 @@ class ContrastiveProblem:
         return (self.scale, *self.tensors())
 
     def tensors(self) -> tuple[Optional[torch.Tensor], ...]:
+        """Every tensor of the problem, in argument order (None for absent queues)."""
         return (
             self.image_query,
             self.text_query,

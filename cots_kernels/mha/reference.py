@@ -16,6 +16,7 @@ from .problem import AttentionProblem, allowed_keys
 
 
 def why_not(problem: AttentionProblem, auto: bool) -> Optional[str]:
+    """The reference runs any valid input, but only when asked for by name (the test oracle)."""
     if auto:
         return "the reference materialises the (B, H, Lq, Lk) probabilities; it runs only when asked for"
     return None
