@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# GPU check: build with CUDA, run the test suite on the GPU, run the GPU benchmarks and
-# the kernel report; everything lands as logs and JSON under $OUT.
+# GPU check: build with CUDA, run the test suite on the GPU, run the GPU benchmarks, the
+# kernel report and the demo; everything lands as logs and JSON under $OUT.
 #
 #   OUT=/path/to/results bash benchmarks/gpu_check.sh
 #   STAGES="build tests" bash benchmarks/gpu_check.sh     # a subset, e.g. to fit one
@@ -13,7 +13,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results/gpu}
 PY=${PYTHON:-python}
-STAGES=${STAGES:-build tests benchmarks report}
+STAGES=${STAGES:-build tests benchmarks report demo}
 wants() { [[ " $STAGES " == *" $1 "* ]]; }
 mkdir -p "$OUT"
 status=0
@@ -46,4 +46,6 @@ fi
 wants tests && stage tests 300 $PY -m pytest -q -p no:cacheprovider tests --junitxml="$OUT/tests.xml"
 wants benchmarks && stage benchmarks 540 $PY -m benchmarks.gpu.run --out "$OUT"
 wants report && stage report 120 $PY -m benchmarks.report --json "$OUT/report_gpu.json"
+# The README's demo on the GPU: a tiny COTS trained in seconds, recall and summary JSON.
+wants demo && stage demo 180 $PY -m cots.demo --out "$OUT/demo"
 exit $status

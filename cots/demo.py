@@ -57,8 +57,12 @@ def demo_config(out_dir: Path, steps: int, device: str, quick: bool) -> TrainCon
     )  # fmt: skip
 
 
-def _plot(history: list[dict[str, Any]], metrics: dict[str, float], path: Path) -> None:
-    import matplotlib
+def _plot(history: list[dict[str, Any]], metrics: dict[str, float], path: Path) -> bool:
+    """Draw the PNG; False (and nothing written) when matplotlib is not installed."""
+    try:
+        import matplotlib
+    except ImportError:
+        return False
 
     matplotlib.use("Agg")  # no display needed
     import matplotlib.pyplot as plt
@@ -80,6 +84,7 @@ def _plot(history: list[dict[str, Any]], metrics: dict[str, float], path: Path) 
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+    return True
 
 
 def _clear_previous_run(out_dir: Path) -> None:
@@ -125,12 +130,15 @@ def run(out_dir: Path, steps: int, device: str = "auto", quick: bool = False, te
         "history": result.history,
     }  # fmt: skip
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    _plot(result.history, metrics, out_dir / "demo.png")
+    plotted = _plot(result.history, metrics, out_dir / "demo.png")
+    wrote = f"{out_dir / 'summary.json'} and {out_dir / 'demo.png'}" if plotted else (
+        f"{out_dir / 'summary.json'} (no plot: matplotlib is not installed)"
+    )
     print(
         f"\ntrained {steps} steps in {train_s:.0f} s on {device_used}; evaluated {test_size} held-out images x "
         f"{CAPTIONS_PER_IMAGE} captions in {eval_s:.0f} s\n\n{format_metrics(metrics)}\n\n"
         f"R@1 at least {TARGET_FACTOR:.0f}x chance both ways: {'yes' if summary['meets_target'] else 'NO'}\n"
-        f"wrote {out_dir / 'summary.json'} and {out_dir / 'demo.png'}",
+        f"wrote {wrote}",
         flush=True,
     )
     return summary

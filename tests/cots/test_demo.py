@@ -1,6 +1,7 @@
 """The demo (the README's first command) runs end to end: train, evaluate, summary, plot."""
 
 import json
+import sys
 
 from cots import demo
 
@@ -22,3 +23,10 @@ def test_quick_demo_writes_summary_and_plot(tmp_path, capsys):
     # `make demo` twice: the second run starts afresh in the same folder.
     assert demo.main(["--quick", "--steps", "3", "--out", str(tmp_path), "--device", "cpu"]) == 0
     assert json.loads((tmp_path / "summary.json").read_text())["config"]["steps"] == 3
+
+
+def test_demo_without_matplotlib_skips_only_the_plot(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` now raises ImportError
+    assert demo.main(["--quick", "--steps", "2", "--out", str(tmp_path), "--device", "cpu"]) == 0
+    assert (tmp_path / "summary.json").exists() and not (tmp_path / "demo.png").exists()
+    assert "no plot" in capsys.readouterr().out
