@@ -13,7 +13,6 @@ query gradients, another 4 x 2 B N D (N = B + Q).
 
 from __future__ import annotations
 
-import argparse
 import time
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -137,11 +136,3 @@ def run(out_dir: Path, device: str = "cuda", quick: bool = False) -> dict:
     write_json("gpu_contrastive", payload, out_dir)
     return payload
 
-
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--device", default="cuda")
-    parser.add_argument("--quick", action="store_true")
-    args = parser.parse_args()
-    run(args.out, args.device, args.quick)

@@ -30,7 +30,6 @@ test (float32; the CUDA-only peers are recorded as skipped).
 
 from __future__ import annotations
 
-import argparse
 import time
 from pathlib import Path
 from typing import Callable, Optional
@@ -202,11 +201,3 @@ def run(out_dir: Path, device: str = "cuda", quick: bool = False) -> dict:
     write_json("gpu_linear_ce", payload, out_dir)
     return payload
 
-
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--device", default="cuda")
-    parser.add_argument("--quick", action="store_true")
-    args = parser.parse_args()
-    run(args.out, args.device, args.quick)
