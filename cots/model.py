@@ -249,8 +249,8 @@ class COTSModel(nn.Module):
             labels = batch["mlm_labels"]
             tokens = self.text.encoder(batch["mlm_input_ids"], attention_mask)
             picked = labels != -100  # (B, L)
-            rows = picked.nonzero()[:, 0]  # the pair of each predicted token
-            sums["mlm"] = self.mlm_head(tokens[picked], image_global[rows], labels[picked])
+            rows, cols = picked.nonzero().unbind(1)  # one host sync; rows: the pair of each token
+            sums["mlm"] = self.mlm_head(tokens[rows, cols], image_global[rows], labels[rows, cols])
             counts["mlm"] = picked.sum()
         if self.mvm_head is not None:
             patch_mask = batch["patch_mask"]
@@ -259,10 +259,13 @@ class COTSModel(nn.Module):
             # k-means nearest-centroid search picked a farther centroid for 3-8% of patches.
             with torch.no_grad(), torch.autocast(frames.device.type, enabled=False):
                 targets = self.visual_tokenizer(frames.float())  # (B * T, N)
-            masked_tokens, _, _ = self.image(visual, patch_mask)
-            masked = patch_mask.repeat_interleave(masked_tokens.shape[0] // patch_mask.shape[0], dim=0)
-            rows = masked.nonzero()[:, 0] // (masked.shape[0] // patch_mask.shape[0])  # frame -> pair
-            sums["mvm"] = self.mvm_head(masked_tokens[:, 1:][masked], text_global[rows], targets[masked])
+            masked_tokens, _, _ = self.image(visual, patch_mask)  # (B * T, 1 + N, W)
+            num_frames = masked_tokens.shape[0] // patch_mask.shape[0]
+            masked = patch_mask.repeat_interleave(num_frames, dim=0)  # every frame has its pair's mask
+            frames, patches = masked.nonzero().unbind(1)  # one host sync
+            sums["mvm"] = self.mvm_head(
+                masked_tokens[frames, 1 + patches], text_global[frames // num_frames], targets[frames, patches]
+            )
             counts["mvm"] = masked.sum()
         return self._combine(sums, counts, world, image_query)
 
@@ -294,8 +297,7 @@ class COTSModel(nn.Module):
         """Normalise each local sum by its global count and weight the terms into the loss."""
         cfg = self.config
         names, count_names = list(sums), list(counts)
-        local = torch.stack([sums[n].detach().float() for n in names] + [counts[n].float() for n in count_names])
-        total = local.clone()
+        total = torch.stack([sums[n].detach().float() for n in names] + [counts[n].float() for n in count_names])
         if world > 1:
             dist.all_reduce(total)  # one small all-reduce: global sums and counts together
         global_sum = dict(zip(names, total[: len(names)]))
