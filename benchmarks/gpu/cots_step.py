@@ -28,6 +28,7 @@ from torch import nn
 from benchmarks.common import sync, write_json
 from cots.config import COTSConfig
 from cots.model import COTSModel
+from cots.tokenizers import patchify
 from cots_kernels import ContrastiveOutput, cots_contrastive_loss
 from cots_kernels.queues import gathered
 
@@ -48,11 +49,9 @@ class HashPatchTokenizer(nn.Module):
         self.register_buffer("direction", torch.randn(3 * patch_size * patch_size, generator=torch.Generator().manual_seed(0)))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        p = self.patch_size
-        patches = images.float().unfold(2, p, p).unfold(3, p, p)  # (B, 3, h, w, p, p)
-        patches = patches.permute(0, 2, 3, 1, 4, 5).flatten(3)  # (B, h, w, 3 p p)
-        score = torch.sigmoid(patches @ self.direction / p)
-        return (score.flatten(1) * self.vocab_size).long().clamp_(0, self.vocab_size - 1)
+        patches = patchify(images.float(), self.patch_size)  # (B, N, 3 p p)
+        score = torch.sigmoid(patches @ self.direction / self.patch_size)
+        return (score * self.vocab_size).long().clamp_(0, self.vocab_size - 1)
 
 
 class PlainCOTSModel(COTSModel):

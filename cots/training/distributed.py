@@ -115,11 +115,6 @@ def wrap(model: nn.Module, info: DistInfo, *, find_unused_parameters: bool = Fal
     )
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    """The module inside a DDP wrapper (or ``model`` itself)."""
-    return model.module if isinstance(model, DistributedDataParallel) else model
-
-
 def gather_objects(obj: Any, info: DistInfo) -> list[Any]:
     """``obj`` of every rank, in rank order (``[obj]`` in a single process)."""
     if not info.distributed:
