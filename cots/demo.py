@@ -43,7 +43,7 @@ def demo_config(out_dir: Path, steps: int, device: str, quick: bool) -> TrainCon
     and the queues hold 4 batches and join the loss half-way, once the encoders tell
     inputs apart (queued keys from the first steps would outscore the positives; see
     ``COTSConfig.queue_warmup_steps``). Measured on 2 CPU cores, 500 held-out images:
-    R@1 of 4.4% / 7.8% (i2t / t2i, chance 0.2%); chance level without the warm-up.
+    R@1 of 4.2% / 7.2% (i2t / t2i, chance 0.2%); chance level without the warm-up.
     """
     model = COTSConfig(
         size="tiny", embed_dim=128, queue_size=64 if quick else 256, queue_warmup_steps=steps // 2,
