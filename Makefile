@@ -1,6 +1,6 @@
 # Two entry points, each working on a fresh clone:
 #   make demo   install into .venv and run the main job
-#   make test   install into .venv and run the whole test suite
+#   make test   install into .venv, lint, and run the whole test suite
 # The CPU build of torch is pinned; on a machine with a GPU pass e.g.
 #   make test TORCH_SPEC="torch==2.11.0 --index-url https://download.pytorch.org/whl/cu130"
 PYTHON ?= python3
@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench install clean
+.PHONY: demo test lint format bench install clean
 
 $(STAMP): setup.py requirements/test.txt $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*.cu csrc/cuda/*.cuh)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -27,8 +27,17 @@ demo: $(STAMP)
 	$(PY) -m benchmarks.report
 
 # COTS_TEST_STRICT turns "extension not built" / "Triton missing" skips into failures.
-test: $(STAMP)
+test: $(STAMP) lint
 	COTS_TEST_STRICT=1 $(PY) -m pytest -q tests
+
+# ruff's lint rules and formatter (configured in pyproject.toml); `make format` applies them.
+lint: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+format: $(STAMP)
+	$(PY) -m ruff check --fix .
+	$(PY) -m ruff format .
 
 # One pytest-benchmark JSON per op suite: benchmarks/results/cpu_<op>.json.
 bench: $(STAMP)

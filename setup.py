@@ -63,7 +63,9 @@ def _extensions():
         )
     else:
         ext = cpp_extension.CppExtension(
-            "cots_kernels._C", cpu_sources, extra_compile_args={"cxx": cxx_flags},
+            "cots_kernels._C",
+            cpu_sources,
+            extra_compile_args={"cxx": cxx_flags},
             extra_link_args=link_flags,
         )
     build = cpp_extension.BuildExtension.with_options(use_ninja=True)

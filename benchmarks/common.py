@@ -18,9 +18,10 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any
 
 import torch
 
@@ -133,7 +134,7 @@ def peak_bytes(fn: Callable[[], Any], device: torch.device) -> int:
     return _cpu_peak_bytes(fn)
 
 
-def write_json(name: str, payload: dict[str, Any], directory: Optional[Path] = None) -> Path:
+def write_json(name: str, payload: dict[str, Any], directory: Path | None = None) -> Path:
     """Write ``payload`` with the machine's description to ``<directory>/<name>.json``."""
     directory = RESULTS_DIR if directory is None else Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -165,5 +166,5 @@ class ReportRow:
     ok: bool
     time_ms: float
     reference_ms: float
-    peak_bytes: Optional[int]
-    reference_peak_bytes: Optional[int]
+    peak_bytes: int | None
+    reference_peak_bytes: int | None

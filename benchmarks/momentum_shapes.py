@@ -11,7 +11,6 @@ update sees exactly this list, once per training step.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 
@@ -146,7 +145,7 @@ def make_pairs(
     shapes: list[tuple[str, Shape]],
     device: torch.device,
     momentum_dtype: torch.dtype = torch.float32,
-    online_dtype: Optional[torch.dtype] = None,
+    online_dtype: torch.dtype | None = None,
     seed: int = 0,
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Momentum and online tensors of the given shapes, filled with N(0, 0.02^2) values."""

@@ -45,9 +45,18 @@ def format_table(rows: list[ReportRow]) -> str:
     header = ["op", "case", "impl", "check", "error", "ref error", "ms", "ref ms", "speed", "MiB", "ref MiB", "memory"]
     body = [
         [
-            r.op, r.case, r.impl, "ok" if r.ok else "FAIL", f"{r.error:.1e}", f"{r.reference_error:.1e}",
-            f"{r.time_ms:,.1f}", f"{r.reference_ms:,.1f}", _ratio(r.reference_ms, r.time_ms),
-            _mib(r.peak_bytes), _mib(r.reference_peak_bytes), _ratio(r.reference_peak_bytes, r.peak_bytes),
+            r.op,
+            r.case,
+            r.impl,
+            "ok" if r.ok else "FAIL",
+            f"{r.error:.1e}",
+            f"{r.reference_error:.1e}",
+            f"{r.time_ms:,.1f}",
+            f"{r.reference_ms:,.1f}",
+            _ratio(r.reference_ms, r.time_ms),
+            _mib(r.peak_bytes),
+            _mib(r.reference_peak_bytes),
+            _ratio(r.reference_peak_bytes, r.peak_bytes),
         ]  # fmt: skip
         for r in rows
     ]

@@ -4,7 +4,7 @@ padded captions on a CPU; ViT-B/16 and BERT-base captions on a GPU)."""
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import torch
 
@@ -43,7 +43,7 @@ def _row(case: tuple, dtype: torch.dtype, device: torch.device) -> ReportRow:
     name, batch, heads, seq, dim, padded = case
     gen = torch.Generator().manual_seed(0)
     q, k, v, grad = (torch.randn(batch, heads, seq, dim, generator=gen).to(device, dtype) for _ in range(4))
-    mask: Optional[torch.Tensor] = None
+    mask: torch.Tensor | None = None
     if padded:
         mask = (torch.arange(seq)[None, :] < caption_lengths(batch, seq, gen)[:, None]).to(device)
     impl = choose(IMPLEMENTATIONS, "auto", validate(q, k, v, mask, False, None, 0.0), OP).name

@@ -7,9 +7,9 @@ import torch
 
 from benchmarks.common import ReportRow, peak_bytes, time_ms
 from benchmarks.contrastive_cases import DIM, QUEUE, loss_step, make_inputs
+from cots_kernels._dispatch import choose
 from cots_kernels.contrastive import IMPLEMENTATIONS
 from cots_kernels.contrastive.problem import RowOptions, validate
-from cots_kernels._dispatch import choose
 
 OP = "cots_contrastive_loss"
 

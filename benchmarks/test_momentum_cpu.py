@@ -73,6 +73,4 @@ def test_enqueue(benchmark, impl):
     step = PairedQueue(dim, size).enqueue if impl == "paired_queue" else AlbefQueues(dim, size, CPU).step
     benchmark.group = "enqueue D=256 Q=65536 B=512"
     benchmark.pedantic(step, args=(image, text), rounds=20, warmup_rounds=2, iterations=1)
-    benchmark.extra_info.update(
-        peak_bytes=peak_bytes(lambda: step(image, text), CPU), queue_bytes=2 * size * dim * 4
-    )
+    benchmark.extra_info.update(peak_bytes=peak_bytes(lambda: step(image, text), CPU), queue_bytes=2 * size * dim * 4)

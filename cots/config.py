@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -67,8 +67,8 @@ class COTSConfig:
     size: str = "tiny"
     vision: dict[str, Any] = field(default_factory=dict)
     text: dict[str, Any] = field(default_factory=dict)
-    vision_weights: Optional[str] = None
-    text_weights: Optional[str] = None
+    vision_weights: str | None = None
+    text_weights: str | None = None
     embed_dim: int = 256
     queue_size: int = 65536
     queue_dtype: str = "float32"

@@ -17,8 +17,9 @@ import platform
 import shutil
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any
 
 import torch
 
@@ -131,8 +132,10 @@ def run(out_dir: Path, steps: int, device: str = "auto", quick: bool = False, te
     }  # fmt: skip
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     plotted = _plot(result.history, metrics, out_dir / "demo.png")
-    wrote = f"{out_dir / 'summary.json'} and {out_dir / 'demo.png'}" if plotted else (
-        f"{out_dir / 'summary.json'} (no plot: matplotlib is not installed)"
+    wrote = (
+        f"{out_dir / 'summary.json'} and {out_dir / 'demo.png'}"
+        if plotted
+        else (f"{out_dir / 'summary.json'} (no plot: matplotlib is not installed)")
     )
     print(
         f"\ntrained {steps} steps in {train_s:.0f} s on {device_used}; evaluated {test_size} held-out images x "
@@ -144,7 +147,7 @@ def run(out_dir: Path, steps: int, device: str = "auto", quick: bool = False, te
     return summary
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     """Command line entry point; returns 1 when R@1 misses 10x chance (outside --quick)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("runs/demo"), help="output folder (default runs/demo)")

@@ -14,8 +14,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
 
 import torch
 from torch.utils.data import Dataset
@@ -33,8 +33,8 @@ def evaluation_dataset(
     split: str = "test",
     size: int = 1000,
     captions_per_image: int = 5,
-    captions_json: Optional[str] = None,
-    image_root: Optional[str] = None,
+    captions_json: str | None = None,
+    image_root: str | None = None,
 ) -> Dataset:
     """The gallery to score: a caption file if given, else a split of the run's synthetic data.
 
@@ -57,7 +57,7 @@ def evaluation_dataset(
     raise ValueError("this run trained on a caption file: pass --captions-json (and --image-root) to score")
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     """Command line entry point (see the module docstring)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("checkpoint", type=Path, help="a checkpoint written by python -m cots.train")

@@ -11,7 +11,7 @@ generator states give equal masks.
 from __future__ import annotations
 
 import math
-from typing import Optional, Protocol
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -27,9 +27,13 @@ class _MaskingVocab(Protocol):
     special_ids: frozenset[int]
 
 
-def mlm_mask(input_ids: torch.Tensor, attention_mask: torch.Tensor, tokenizer: _MaskingVocab,
-             prob: float = 0.15, generator: Optional[torch.Generator] = None,
-             ) -> tuple[torch.Tensor, torch.Tensor]:
+def mlm_mask(
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    tokenizer: _MaskingVocab,
+    prob: float = 0.15,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Corrupts token rows for masked language modelling.
 
     In each row, ``max(1, round(prob * n))`` of its ``n`` real, non-special tokens are
@@ -52,8 +56,7 @@ def mlm_mask(input_ids: torch.Tensor, attention_mask: torch.Tensor, tokenizer: _
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
         raise ValueError("input_ids must be a (B, L) tensor")
     if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != input_ids.shape:
-        raise ValueError(f"attention_mask must be a tensor of input_ids' shape "
-                         f"{tuple(input_ids.shape)}")
+        raise ValueError(f"attention_mask must be a tensor of input_ids' shape {tuple(input_ids.shape)}")
     if input_ids.dtype != torch.long:
         raise TypeError(f"input_ids must be int64, got {input_ids.dtype}")
     if not 0.0 < prob < 1.0:
@@ -83,9 +86,15 @@ def mlm_mask(input_ids: torch.Tensor, attention_mask: torch.Tensor, tokenizer: _
     return masked.to(device), labels.to(device)
 
 
-def block_mask(batch: int, grid: tuple[int, int], ratio: float = 0.4,
-               generator: Optional[torch.Generator] = None, *, min_block: Optional[int] = None,
-               aspect: tuple[float, float] = (0.3, 1 / 0.3)) -> torch.Tensor:
+def block_mask(
+    batch: int,
+    grid: tuple[int, int],
+    ratio: float = 0.4,
+    generator: torch.Generator | None = None,
+    *,
+    min_block: int | None = None,
+    aspect: tuple[float, float] = (0.3, 1 / 0.3),
+) -> torch.Tensor:
     """BEiT-style block-wise masks over a patch grid.
 
     Per row: rectangles of random area in ``[min_block, remaining]`` and log-uniform aspect
@@ -108,7 +117,7 @@ def block_mask(batch: int, grid: tuple[int, int], ratio: float = 0.4,
     """
     if not isinstance(batch, int) or batch < 0:
         raise ValueError(f"batch must be a non-negative int, got {batch!r}")
-    if (len(grid) != 2 or not all(isinstance(g, int) and g > 0 for g in grid)):
+    if len(grid) != 2 or not all(isinstance(g, int) and g > 0 for g in grid):
         raise ValueError(f"grid must be a pair of positive ints, got {grid!r}")
     if not 0.0 <= ratio < 1.0:
         raise ValueError(f"ratio must be in [0, 1), got {ratio!r}")
@@ -124,7 +133,7 @@ def block_mask(batch: int, grid: tuple[int, int], ratio: float = 0.4,
     log_lo, log_hi = math.log(aspect[0]), math.log(aspect[1])
     out = torch.zeros(batch, n, dtype=torch.bool)
     for row in range(batch):
-        seed = int(torch.randint(2 ** 62, (1,), generator=generator))
+        seed = int(torch.randint(2**62, (1,), generator=generator))
         rng = np.random.default_rng(seed)
         mask = np.zeros((h, w), dtype=bool)
         count = 0
@@ -137,7 +146,7 @@ def block_mask(batch: int, grid: tuple[int, int], ratio: float = 0.4,
             bw = min(w, max(1, round(math.sqrt(area / ar))))
             top = rng.integers(0, h - bh + 1)
             left = rng.integers(0, w - bw + 1)
-            window = mask[top:top + bh, left:left + bw]
+            window = mask[top : top + bh, left : left + bw]
             added = window.size - int(window.sum())
             if 0 < added <= remaining:
                 window[...] = True

@@ -15,7 +15,7 @@ on the slices of a global batch compute what one process computes on the whole b
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -70,7 +70,7 @@ class ImageTower(nn.Module):
         self.proj = nn.Linear(encoder.width, embed_dim)
 
     def forward(
-        self, images: torch.Tensor, patch_mask: Optional[torch.Tensor] = None
+        self, images: torch.Tensor, patch_mask: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """images (B, 3, H, W) or videos (B, T, 3, H, W); patch_mask (B, N) bool or None.
 
@@ -160,7 +160,7 @@ class COTSModel(nn.Module):
     step, then :meth:`after_step` (momentum update and enqueue of this step's keys).
     """
 
-    def __init__(self, config: COTSConfig, visual_tokenizer: Optional[nn.Module], vocab_size: int) -> None:
+    def __init__(self, config: COTSConfig, visual_tokenizer: nn.Module | None, vocab_size: int) -> None:
         super().__init__()
         if not isinstance(config, COTSConfig):
             raise TypeError(f"config must be a COTSConfig, got {type(config).__name__}")
@@ -201,12 +201,14 @@ class COTSModel(nn.Module):
             else None
         )
         self.mvm_head = (
-            FusedTokenHead(vision_width, text_width, config.visual_vocab_size, vision_cfg.layer_norm_eps, config.ce_impl)
+            FusedTokenHead(
+                vision_width, text_width, config.visual_vocab_size, vision_cfg.layer_norm_eps, config.ce_impl
+            )
             if config.mvm_weight > 0
             else None
         )
         self.visual_tokenizer = visual_tokenizer if config.mvm_weight > 0 else None
-        self._pending_keys: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+        self._pending_keys: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def forward(self, batch: dict[str, torch.Tensor]) -> COTSOutput:
         """One training forward on a batch from :class:`cots.data.CotsCollator`.
@@ -275,7 +277,7 @@ class COTSModel(nn.Module):
         text_query: torch.Tensor,
         image_keys: torch.Tensor,
         text_keys: torch.Tensor,
-        weight: Optional[torch.Tensor],
+        weight: torch.Tensor | None,
         rank: int,
     ) -> ContrastiveOutput:
         """The fused ITC + KL loss against the (gathered) batch keys and the queues, summed over pairs."""
@@ -315,7 +317,9 @@ class COTSModel(nn.Module):
         terms["kept"] = global_count["pairs"] / (like.shape[0] * world)
         terms["temperature"] = self.temperature.detach().float().clone()  # not a view of the live parameter
         terms["loss"] = sum(
-            w * terms[n] for n, w in (("itc", cfg.itc_weight), ("mlm", cfg.mlm_weight), ("mvm", cfg.mvm_weight)) if n in terms
+            w * terms[n]
+            for n, w in (("itc", cfg.itc_weight), ("mlm", cfg.mlm_weight), ("mvm", cfg.mvm_weight))
+            if n in terms
         )
         return COTSOutput(loss, terms)
 

@@ -27,8 +27,9 @@ from __future__ import annotations
 
 import math
 import sys
+from collections.abc import Sequence
 from types import ModuleType
-from typing import Any, Optional, Sequence, Union
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -73,9 +74,7 @@ def chance_recall(num_candidates: int, k: int, num_positives: int = 1) -> float:
         if value < 1:
             raise ValueError(f"{name} must be >= 1, got {value}")
     if num_positives > num_candidates:
-        raise ValueError(
-            f"num_positives ({num_positives}) must not exceed num_candidates ({num_candidates})"
-        )
+        raise ValueError(f"num_positives ({num_positives}) must not exceed num_candidates ({num_candidates})")
     k = min(k, num_candidates)
     # Exact integer binomials; int / int true division rounds correctly even for huge values.
     miss = math.comb(num_candidates - num_positives, k) / math.comb(num_candidates, k)
@@ -108,7 +107,7 @@ def retrieval_metrics(
     *,
     ks: Sequence[int] = (1, 5, 10),
     backend: str = "auto",
-    batch_size: Optional[int] = None,
+    batch_size: int | None = None,
 ) -> dict[str, float]:
     """Image-to-text and text-to-image recall@K, median and mean rank.
 
@@ -129,8 +128,15 @@ def retrieval_metrics(
         The median of an even number of ranks is the mean of the two middle ones.
     """
     return _metrics(
-        image_emb, text_emb, text_to_image, ks, backend, batch_size,
-        names=("image_emb", "text_emb", "text_to_image"), item="image", prefixes=("i2t", "t2i"),
+        image_emb,
+        text_emb,
+        text_to_image,
+        ks,
+        backend,
+        batch_size,
+        names=("image_emb", "text_emb", "text_to_image"),
+        item="image",
+        prefixes=("i2t", "t2i"),
     )
 
 
@@ -141,7 +147,7 @@ def video_retrieval_metrics(
     *,
     ks: Sequence[int] = (1, 5, 10),
     backend: str = "auto",
-    batch_size: Optional[int] = None,
+    batch_size: int | None = None,
 ) -> dict[str, float]:
     """Video-to-text and text-to-video metrics; :func:`retrieval_metrics` with keys
     ``v2t_*`` / ``t2v_*`` (text-to-video is the headline number on MSR-VTT).
@@ -153,8 +159,15 @@ def video_retrieval_metrics(
         ks, backend, batch_size: as in :func:`retrieval_metrics`.
     """
     return _metrics(
-        video_emb, text_emb, text_to_video, ks, backend, batch_size,
-        names=("video_emb", "text_emb", "text_to_video"), item="video", prefixes=("v2t", "t2v"),
+        video_emb,
+        text_emb,
+        text_to_video,
+        ks,
+        backend,
+        batch_size,
+        names=("video_emb", "text_emb", "text_to_video"),
+        item="video",
+        prefixes=("v2t", "t2v"),
     )
 
 
@@ -165,7 +178,7 @@ def encode_dataset(
     *,
     batch_size: int = 64,
     max_len: int = 32,
-    device: Optional[Union[str, torch.device]] = None,
+    device: str | torch.device | None = None,
     progress: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Embed every item and caption of a retrieval dataset.
@@ -189,9 +202,7 @@ def encode_dataset(
         image_emb (Ni, D), text_emb (Nt, D), text_to_image (Nt,) long, all on ``device``;
         row i of image_emb is dataset item i, captions in item order.
     """
-    image_emb, text_emb, text_to_image, _ = _encode(
-        model, dataset, tokenizer, batch_size, max_len, device, progress
-    )
+    image_emb, text_emb, text_to_image, _ = _encode(model, dataset, tokenizer, batch_size, max_len, device, progress)
     return image_emb, text_emb, text_to_image
 
 
@@ -203,7 +214,7 @@ def evaluate(
     batch_size: int = 64,
     max_len: int = 32,
     backend: str = "auto",
-    device: Optional[Union[str, torch.device]] = None,
+    device: str | torch.device | None = None,
     progress: bool = False,
 ) -> dict[str, float]:
     """Encode ``dataset`` (:func:`encode_dataset`) and score it: :func:`retrieval_metrics`
@@ -211,9 +222,7 @@ def evaluate(
 
     Args: as in :func:`encode_dataset`; ``backend`` as in :func:`retrieval_metrics`.
     """
-    visual_emb, text_emb, owner, is_video = _encode(
-        model, dataset, tokenizer, batch_size, max_len, device, progress
-    )
+    visual_emb, text_emb, owner, is_video = _encode(model, dataset, tokenizer, batch_size, max_len, device, progress)
     score = video_retrieval_metrics if is_video else retrieval_metrics
     return score(visual_emb, text_emb, owner, backend=backend)
 
@@ -227,16 +236,14 @@ def _metrics(
     owner: Tensor,
     ks: Sequence[int],
     backend: str,
-    batch_size: Optional[int],
+    batch_size: int | None,
     *,
     names: tuple[str, str, str],
     item: str,
     prefixes: tuple[str, str],
 ) -> dict[str, float]:
     ks = _check_ks(ks)
-    if batch_size is not None and (
-        not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1
-    ):
+    if batch_size is not None and (not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1):
         raise ValueError(f"batch_size must be a positive int or None, got {batch_size!r}")
     faiss = _resolve_backend(backend)
     captions_per_item = _check_inputs(visual_emb, text_emb, owner, names, item)
@@ -257,9 +264,7 @@ def _metrics(
     for k in ks:
         # A random ranking's expected recall, averaged over items with their own caption counts.
         per_count = zip(counts.tolist(), multiplicity.tolist(), strict=True)
-        out[f"{v2t}_r{k}_chance"] = sum(
-            m * chance_recall(num_text, k, c) for c, m in per_count
-        ) / num_visual
+        out[f"{v2t}_r{k}_chance"] = sum(m * chance_recall(num_text, k, c) for c, m in per_count) / num_visual
         out[f"{t2v}_r{k}_chance"] = chance_recall(num_visual, k, 1)
     return out
 
@@ -283,8 +288,8 @@ def _ranks(
     gallery: Tensor,
     query_label: Tensor,
     gallery_label: Tensor,
-    faiss: Optional[ModuleType],
-    batch_size: Optional[int],
+    faiss: ModuleType | None,
+    batch_size: int | None,
 ) -> Tensor:
     """(Nq,) long CPU pessimistic 1-based ranks; the positives of query q are the gallery
     rows c with ``gallery_label[c] == query_label[q]``.
@@ -294,16 +299,15 @@ def _ranks(
     chunk = batch_size or max(1, _CHUNK_BYTES // (gallery.shape[0] * _BYTES_PER_SCORE))
     if faiss is not None:
         return _faiss_ranks(faiss, queries, gallery, query_label, gallery_label, chunk)
-    return torch.cat([
-        _dense_ranks(queries[s : s + chunk], gallery, query_label[s : s + chunk], gallery_label)
-        .cpu()
-        for s in range(0, queries.shape[0], chunk)
-    ])
+    return torch.cat(
+        [
+            _dense_ranks(queries[s : s + chunk], gallery, query_label[s : s + chunk], gallery_label).cpu()
+            for s in range(0, queries.shape[0], chunk)
+        ]
+    )
 
 
-def _dense_ranks(
-    queries: Tensor, gallery: Tensor, query_label: Tensor, gallery_label: Tensor
-) -> Tensor:
+def _dense_ranks(queries: Tensor, gallery: Tensor, query_label: Tensor, gallery_label: Tensor) -> Tensor:
     """Ranks from the full (Nq, Ng) score block; the best ground-truth score is read from
     the same block as the candidates' so equal scores compare equal."""
     scores = queries @ gallery.T
@@ -348,13 +352,11 @@ def _faiss_ranks(
             unsure = (best.squeeze(1) <= scores[:, -1]).nonzero().squeeze(1) + start
             if unsure.numel():
                 rows = unsure.to(queries.device)
-                ranks[unsure] = _dense_ranks(
-                    queries[rows], gallery, query_label[rows], gallery_label
-                ).cpu()
+                ranks[unsure] = _dense_ranks(queries[rows], gallery, query_label[rows], gallery_label).cpu()
     return ranks
 
 
-def _resolve_backend(backend: str) -> Optional[ModuleType]:
+def _resolve_backend(backend: str) -> ModuleType | None:
     """The faiss module for the faiss backend, None for torch."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -365,8 +367,7 @@ def _resolve_backend(backend: str) -> Optional[ModuleType]:
     except ImportError as err:
         if backend == "faiss":
             raise ImportError(
-                "backend='faiss' needs the faiss package (faiss-cpu or faiss-gpu); "
-                "use backend='torch' or 'auto'"
+                "backend='faiss' needs the faiss package (faiss-cpu or faiss-gpu); use backend='torch' or 'auto'"
             ) from err
         return None
     return faiss
@@ -398,8 +399,7 @@ def _check_inputs(
             raise ValueError(f"{name} is empty")
     if visual_emb.shape[1] != text_emb.shape[1]:
         raise ValueError(
-            f"{visual_name} and {text_name} must have the same D, got "
-            f"{visual_emb.shape[1]} and {text_emb.shape[1]}"
+            f"{visual_name} and {text_name} must have the same D, got {visual_emb.shape[1]} and {text_emb.shape[1]}"
         )
     if owner.dim() != 1 or owner.shape[0] != text_emb.shape[0]:
         raise ValueError(
@@ -421,8 +421,7 @@ def _check_inputs(
     low, high = int(owner.min()), int(owner.max())
     if low < 0 or high >= num_visual:
         raise ValueError(
-            f"{owner_name} must lie in [0, {num_visual}) (rows of {visual_name}), "
-            f"got values in [{low}, {high}]"
+            f"{owner_name} must lie in [0, {num_visual}) (rows of {visual_name}), got values in [{low}, {high}]"
         )
     counts = torch.bincount(owner.long().cpu(), minlength=num_visual)
     missing = (counts == 0).nonzero().squeeze(1)
@@ -451,7 +450,7 @@ def _encode(
     tokenizer: Any,
     batch_size: int,
     max_len: int,
-    device: Optional[Union[str, torch.device]],
+    device: str | torch.device | None,
     progress: bool,
 ) -> tuple[Tensor, Tensor, Tensor, bool]:
     """:func:`encode_dataset`, plus whether the items are videos."""
@@ -473,7 +472,7 @@ def _encode(
     owners: list[int] = []
     visuals: list[Tensor] = []
     captions: list[str] = []
-    key: Optional[str] = None
+    key: str | None = None
 
     def flush_visual() -> None:
         visual_chunks.append(model.encode_image(torch.stack(visuals).to(device)))
@@ -498,9 +497,7 @@ def _encode(
                 elif item_key != key:
                     raise ValueError(f"dataset item {i} holds a {item_key}, earlier items a {key}")
                 item_captions = item["captions"]
-                if isinstance(item_captions, str) or not all(
-                    isinstance(c, str) for c in item_captions
-                ):
+                if isinstance(item_captions, str) or not all(isinstance(c, str) for c in item_captions):
                     raise TypeError(f"dataset item {i}: 'captions' must be a list of str")
                 if len(item_captions) == 0:
                     raise ValueError(f"dataset item {i} has no captions")

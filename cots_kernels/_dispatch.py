@@ -9,8 +9,9 @@ explicit ``impl=`` forces one and raises :class:`UnsupportedInputError` with its
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Generic, Optional, Sequence, TypeVar
+from typing import Generic, TypeVar
 
 P = TypeVar("P")
 
@@ -33,7 +34,7 @@ class Implementation(Generic[P]):
     """
 
     name: str
-    why_not: Callable[[P, bool], Optional[str]]
+    why_not: Callable[[P, bool], str | None]
     run: Callable
 
 

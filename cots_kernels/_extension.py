@@ -10,7 +10,6 @@ from __future__ import annotations
 import functools
 import importlib
 from types import ModuleType
-from typing import Optional
 
 _BUILD_HINT = (
     "build it with `pip install --no-build-isolation -e .` from the repository root "
@@ -18,15 +17,15 @@ _BUILD_HINT = (
 )
 
 
-@functools.lru_cache(maxsize=None)
-def _import() -> tuple[Optional[ModuleType], str]:
+@functools.cache
+def _import() -> tuple[ModuleType | None, str]:
     try:
         return importlib.import_module("cots_kernels._C"), ""
     except ImportError as exc:  # not built, or built against another torch
         return None, f"cots_kernels._C could not be imported ({exc}); {_BUILD_HINT}"
 
 
-def load() -> Optional[ModuleType]:
+def load() -> ModuleType | None:
     """Return the compiled extension module, or ``None`` when it is not available."""
     return _import()[0]
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-from typing import Optional
 
 import torch
 
@@ -24,7 +23,7 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on
 UPCAST_DOT_OPERANDS = INTERPRET
 
 
-def why_not_triton(*tensors: Optional[torch.Tensor], auto: bool) -> Optional[str]:
+def why_not_triton(*tensors: torch.Tensor | None, auto: bool) -> str | None:
     """Why Triton kernels cannot (or, for ``auto``, should not) run on these tensors.
 
     On CUDA tensors Triton must be installed. CPU tensors run only under the Triton

@@ -27,7 +27,7 @@ deterministic.
 from __future__ import annotations
 
 import math
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -59,10 +59,10 @@ class AdaptiveMomentumFilter(nn.Module):
         self,
         queue_size: int,
         k: float = 2.0,
-        warmup_steps: Optional[int] = None,
+        warmup_steps: int | None = None,
         *,
-        device: Optional[torch.device] = None,
-        process_group: Optional[dist.ProcessGroup] = None,
+        device: torch.device | None = None,
+        process_group: dist.ProcessGroup | None = None,
         gather: bool = True,
     ) -> None:
         super().__init__()
@@ -82,7 +82,7 @@ class AdaptiveMomentumFilter(nn.Module):
         self.step = 0
         self.ptr = 0
         self.enqueued = 0
-        self.last_threshold: Optional[torch.Tensor] = None
+        self.last_threshold: torch.Tensor | None = None
         self.register_buffer("similarities", torch.zeros(queue_size, device=device))
 
     @property
@@ -117,9 +117,7 @@ class AdaptiveMomentumFilter(nn.Module):
         if similarity.dim() != 1:
             raise ValueError(f"similarity must have shape (B,), got {tuple(similarity.shape)}")
         if similarity.device != self.similarities.device:
-            raise ValueError(
-                f"similarity is on {similarity.device} but the queue is on {self.similarities.device}"
-            )
+            raise ValueError(f"similarity is on {similarity.device} but the queue is on {self.similarities.device}")
         values = similarity.detach().float()
         if self.warming_up:
             weights = torch.ones_like(values)

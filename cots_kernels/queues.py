@@ -9,7 +9,7 @@ step), and the buffers themselves are what ``cots_contrastive_loss`` takes as
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -40,7 +40,7 @@ def ring_write_(buffer: torch.Tensor, rows: torch.Tensor, ptr: int) -> int:
     return (ptr + n) % size
 
 
-def gathered(x: torch.Tensor, group: Optional[dist.ProcessGroup]) -> torch.Tensor:
+def gathered(x: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
     """(world * n, ...) rows of every rank in rank order, or ``x`` outside distributed runs.
 
     Every rank must pass the same shape (as ``all_gather_into_tensor`` requires). No
@@ -93,10 +93,10 @@ class PairedQueue(nn.Module):
         size: int,
         dtype: torch.dtype = torch.float32,
         *,
-        device: Optional[torch.device] = None,
+        device: torch.device | None = None,
         init: str = "random",
         seed: int = 0,
-        process_group: Optional[dist.ProcessGroup] = None,
+        process_group: dist.ProcessGroup | None = None,
         gather: bool = True,
     ) -> None:
         super().__init__()
@@ -148,9 +148,7 @@ class PairedQueue(nn.Module):
             if keys.dim() != 2 or keys.shape[1] != self.dim:
                 raise ValueError(f"{name} must have shape (B, {self.dim}), got {tuple(keys.shape)}")
             if keys.device != self.image_queue.device:
-                raise ValueError(
-                    f"{name} is on {keys.device} but the queues are on {self.image_queue.device}"
-                )
+                raise ValueError(f"{name} is on {keys.device} but the queues are on {self.image_queue.device}")
         if image_keys.shape[0] != text_keys.shape[0]:
             raise ValueError(
                 f"image_keys and text_keys must have the same number of rows, got "
@@ -172,7 +170,4 @@ class PairedQueue(nn.Module):
         self.enqueued = int(state["enqueued"])
 
     def extra_repr(self) -> str:
-        return (
-            f"dim={self.dim}, size={self.size}, dtype={self.image_queue.dtype}, "
-            f"ptr={self.ptr}, filled={self.filled}"
-        )
+        return f"dim={self.dim}, size={self.size}, dtype={self.image_queue.dtype}, ptr={self.ptr}, filled={self.filled}"

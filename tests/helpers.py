@@ -10,7 +10,6 @@ from __future__ import annotations
 import importlib
 import os
 from types import ModuleType
-from typing import Optional
 
 import pytest
 import torch
@@ -58,9 +57,9 @@ def max_error(actual: torch.Tensor, truth: torch.Tensor) -> float:
 
 
 def assert_close_to_truth(
-    actual: Optional[torch.Tensor],
-    truth: Optional[torch.Tensor],
-    baseline: Optional[torch.Tensor],
+    actual: torch.Tensor | None,
+    truth: torch.Tensor | None,
+    baseline: torch.Tensor | None,
     *,
     factor: float = 2.0,
     atol: float = 1e-5,
@@ -81,6 +80,4 @@ def assert_close_to_truth(
     err = max_error(actual, truth)
     base = max_error(baseline, truth) if baseline is not None else 0.0
     bound = factor * base + atol * max(1.0, truth.detach().abs().max().item())
-    assert err <= bound, (
-        f"{name}: error {err:.3e} exceeds {factor} x reference error {base:.3e} + {atol:.1e}"
-    )
+    assert err <= bound, f"{name}: error {err:.3e} exceeds {factor} x reference error {base:.3e} + {atol:.1e}"

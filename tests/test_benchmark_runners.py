@@ -19,7 +19,18 @@ def test_gpu_contrastive_runner_quick_on_cpu(tmp_path):
 
 
 def test_report_table_lists_every_row():
-    row = ReportRow("op", "case", "torch", 1e-8, 2e-8, True, 10.0, 20.0, 2**20, 2**24, )
+    row = ReportRow(
+        "op",
+        "case",
+        "torch",
+        1e-8,
+        2e-8,
+        True,
+        10.0,
+        20.0,
+        2**20,
+        2**24,
+    )
     table = report.format_table([row, row])
     lines = table.splitlines()
     assert len(lines) == 4 and "2.0x" in lines[2] and "16.0x" in lines[2]

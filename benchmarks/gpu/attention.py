@@ -27,8 +27,9 @@ from __future__ import annotations
 
 import contextlib
 import pathlib
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Optional
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -46,7 +47,7 @@ class Case:
     seq: int
     dim: int
     padded: bool  # captions: real lengths 25-40 (see caption_lengths), padded to seq
-    dtype: Optional[str] = None  # None: bfloat16 on a GPU, float32 on a CPU
+    dtype: str | None = None  # None: bfloat16 on a GPU, float32 on a CPU
 
 
 CASES = (
@@ -92,13 +93,13 @@ def _inputs(case: Case, dtype: torch.dtype, device: torch.device):
     return q, k, v, grad, mask, lengths
 
 
-def real_flops_forward(case: Case, lengths: Optional[torch.Tensor]) -> float:
+def real_flops_forward(case: Case, lengths: torch.Tensor | None) -> float:
     """4 * H * d * sum_b(L_b^2): QK^T and PV over real queries and keys only."""
     squares = case.batch * case.seq**2 if lengths is None else int((lengths.double() ** 2).sum())
     return 4.0 * case.heads * case.dim * squares
 
 
-def _backend_context(name: Optional[str]):
+def _backend_context(name: str | None):
     """SDPA restricted to one backend (entered once around a whole measurement, so that
     the context switch is not timed), or left to choose (``None``)."""
     if name is None:
@@ -109,7 +110,7 @@ def _backend_context(name: Optional[str]):
     return sdpa_kernel(choice[name])
 
 
-def _contenders(mask: Optional[torch.Tensor]) -> dict[str, tuple[Callable, Optional[str]]]:
+def _contenders(mask: torch.Tensor | None) -> dict[str, tuple[Callable, str | None]]:
     """name -> (fn(q, k, v), SDPA backend to force or None)."""
     attn_mask = None if mask is None else mask[:, None, None, :]
 
@@ -119,7 +120,7 @@ def _contenders(mask: Optional[torch.Tensor]) -> dict[str, tuple[Callable, Optio
     def sdpa(q, k, v):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
 
-    fns: dict[str, tuple[Callable, Optional[str]]] = {
+    fns: dict[str, tuple[Callable, str | None]] = {
         "cots_triton": (ours("triton"), None),
         "cots_sdpa": (ours("sdpa"), None),
     }
@@ -129,7 +130,7 @@ def _contenders(mask: Optional[torch.Tensor]) -> dict[str, tuple[Callable, Optio
     return fns
 
 
-def _triton_unavailable(q, k, v, mask) -> Optional[str]:
+def _triton_unavailable(q, k, v, mask) -> str | None:
     """Why Triton is not measured here (it is never benchmarked in the interpreter)."""
     problem = validate(q, k, v, mask, False, None, 0.0)
     return next(i for i in IMPLEMENTATIONS if i.name == "triton").why_not(problem, True)
@@ -165,7 +166,7 @@ def _measure(fn: Callable, q, k, v, grad, device: torch.device, reps: int, flops
     }
 
 
-def _speedups(results: dict[str, dict[str, Any]], ours: str, other: str) -> Optional[dict[str, float]]:
+def _speedups(results: dict[str, dict[str, Any]], ours: str, other: str) -> dict[str, float] | None:
     a, b = results.get(ours, {}), results.get(other, {})
     if "fwd_ms" not in a or "fwd_ms" not in b:
         return None

@@ -14,8 +14,9 @@ query gradients, another 4 x 2 B N D (N = B + Q).
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 import torch
 
@@ -28,7 +29,7 @@ from cots_kernels import cots_contrastive_loss
 BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
 
 
-def _peak_tflops(name: str) -> Optional[float]:
+def _peak_tflops(name: str) -> float | None:
     return next((v for k, v in BF16_PEAK_TFLOPS.items() if k in name), None)
 
 
@@ -39,7 +40,7 @@ def _ours(impl: str, **options: Any) -> Callable:
     return loss
 
 
-def _inf_cl() -> Optional[Callable]:
+def _inf_cl() -> Callable | None:
     """Inf-CL's two directions as two one-directional calls (it has no KL and no queues)."""
     try:
         from inf_cl import cal_inf_loss
@@ -53,9 +54,7 @@ def _inf_cl() -> Optional[Callable]:
     return loss
 
 
-def _measure(
-    loss: Callable, inputs, device: torch.device, flops_fwd: float, flops_bwd: float, reps: int
-) -> dict:
+def _measure(loss: Callable, inputs, device: torch.device, flops_fwd: float, flops_bwd: float, reps: int) -> dict:
     qi, qt = inputs[:2]
 
     def forward():
@@ -88,7 +87,7 @@ def run(out_dir: Path, device: str = "cuda", quick: bool = False) -> dict:
     reps = 2 if quick else 10
     queue, dim = (64, 32) if quick else (QUEUE, DIM)
     dtypes = [torch.float32] if quick else [torch.bfloat16, torch.float32]
-    candidates: dict[str, Optional[Callable]] = {
+    candidates: dict[str, Callable | None] = {
         "ours_auto": _ours("auto"),
         "ours_auto_no_kl": _ours("auto", kl_weight=0.0),
         "torch_chunked": _ours("torch"),
@@ -135,4 +134,3 @@ def run(out_dir: Path, device: str = "cuda", quick: bool = False) -> dict:
     payload = {"op": "cots_contrastive_loss", "quick": quick, "cases": cases}
     write_json("gpu_contrastive", payload, out_dir)
     return payload
-

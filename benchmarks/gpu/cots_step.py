@@ -20,7 +20,7 @@ from __future__ import annotations
 import copy
 import pathlib
 import time
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from torch import nn
@@ -46,7 +46,9 @@ class HashPatchTokenizer(nn.Module):
     def __init__(self, vocab_size: int, patch_size: int) -> None:
         super().__init__()
         self.vocab_size, self.patch_size = vocab_size, patch_size
-        self.register_buffer("direction", torch.randn(3 * patch_size * patch_size, generator=torch.Generator().manual_seed(0)))
+        self.register_buffer(
+            "direction", torch.randn(3 * patch_size * patch_size, generator=torch.Generator().manual_seed(0))
+        )
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         patches = patchify(images.float(), self.patch_size)  # (B, N, 3 p p)
@@ -59,7 +61,7 @@ class PlainCOTSModel(COTSModel):
     a Python loop of EMA updates."""
 
     def _instance_loss(
-        self, image_query, text_query, image_keys, text_keys, weight: Optional[torch.Tensor], rank: int
+        self, image_query, text_query, image_keys, text_keys, weight: torch.Tensor | None, rank: int
     ) -> ContrastiveOutput:
         image_queue, text_queue = self.queue.queues()
         image_all = torch.cat([gathered(image_keys, None), image_queue.clone().to(image_keys.dtype)])
@@ -161,7 +163,9 @@ def run(out_dir: pathlib.Path, device: str = "cuda", quick: bool = False, batch_
         model = cls(cfg, HashPatchTokenizer(cfg.visual_vocab_size, cfg.vision_config().patch_size), TEXT_VOCAB).to(dev)
         if state is None:
             # A host copy: a device copy would stay allocated and inflate both peaks.
-            state = {k: v.cpu().clone() if torch.is_tensor(v) else copy.deepcopy(v) for k, v in model.state_dict().items()}
+            state = {
+                k: v.cpu().clone() if torch.is_tensor(v) else copy.deepcopy(v) for k, v in model.state_dict().items()
+            }
         else:
             model.load_state_dict(state)  # same weights, queues and filter state
         batch = _batch(model, batch_size, dev, quick)
@@ -172,7 +176,8 @@ def run(out_dir: pathlib.Path, device: str = "cuda", quick: bool = False, batch_
     ours, plain = results["ours"], results["plain"]
     speedup = ours["images_per_s"] / plain["images_per_s"]
     first_step = {
-        k: abs(ours["first_step_terms"][k] - plain["first_step_terms"][k]) / max(abs(plain["first_step_terms"][k]), 1e-6)
+        k: abs(ours["first_step_terms"][k] - plain["first_step_terms"][k])
+        / max(abs(plain["first_step_terms"][k]), 1e-6)
         for k in ours["first_step_terms"]
     }
     payload = {

@@ -31,8 +31,8 @@ test (float32; the CUDA-only peers are recorded as skipped).
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -55,7 +55,7 @@ def _materialised(h: torch.Tensor, w: torch.Tensor, t: torch.Tensor) -> torch.Te
     return F.cross_entropy(F.linear(h, w).float(), t)
 
 
-def _liger() -> Optional[Loss]:
+def _liger() -> Loss | None:
     try:
         from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
     except ImportError:
@@ -68,7 +68,7 @@ def _liger() -> Optional[Loss]:
     return loss
 
 
-def _cut_cross_entropy(impl: str) -> Optional[Loss]:
+def _cut_cross_entropy(impl: str) -> Loss | None:
     try:
         from cut_cross_entropy import linear_cross_entropy as cce
     except ImportError:
@@ -76,9 +76,9 @@ def _cut_cross_entropy(impl: str) -> Optional[Loss]:
     return lambda h, w, t: cce(h, w, t, reduction="mean", impl=impl)
 
 
-def candidates(device: torch.device) -> dict[str, Optional[Loss] | str]:
+def candidates(device: torch.device) -> dict[str, Loss | None | str]:
     """name -> loss function, None (not installed) or a reason it is skipped."""
-    found: dict[str, Optional[Loss] | str] = {
+    found: dict[str, Loss | None | str] = {
         "ours": _ours("auto"),
         "ours_torch": _ours("torch"),
         "materialised": _materialised,
@@ -143,7 +143,7 @@ def _ratios(impls: dict) -> dict:
 
 def _targets(impls: dict) -> dict:
     ours, ref, cce = impls["ours"], impls["materialised"], impls.get("cut_cross_entropy", {})
-    targets: dict[str, Optional[bool]] = {"memory_at_most_tenth_of_materialised": None,
+    targets: dict[str, bool | None] = {"memory_at_most_tenth_of_materialised": None,
                                           "memory_beyond_grads_at_most_tenth": None,
                                           "at_least_as_fast_as_cut_cross_entropy": None}  # fmt: skip
     if "peak_bytes" in ours and "peak_bytes" in ref:
@@ -200,4 +200,3 @@ def run(out_dir: Path, device: str = "cuda", quick: bool = False) -> dict:
     payload = {"op": "linear_cross_entropy", "quick": quick, "cases": cases}
     write_json("gpu_linear_ce", payload, out_dir)
     return payload
-

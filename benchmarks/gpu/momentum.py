@@ -15,7 +15,8 @@ sizes (a smoke test on any device).
 from __future__ import annotations
 
 import pathlib
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -47,10 +47,10 @@ def _load_entries(ann_file: str) -> list[tuple[str, list[str]]]:
             raise ValueError(f"{where}: field 'image' must be a non-empty string, got {image!r}")
         caption = entry["caption"]
         captions = [caption] if isinstance(caption, str) else caption
-        if (not isinstance(captions, list) or not captions
-                or not all(isinstance(c, str) for c in captions)):
-            raise ValueError(f"{where}: field 'caption' must be a string or a non-empty list of "
-                             f"strings, got {caption!r}")
+        if not isinstance(captions, list) or not captions or not all(isinstance(c, str) for c in captions):
+            raise ValueError(
+                f"{where}: field 'caption' must be a string or a non-empty list of strings, got {caption!r}"
+            )
         entries.append((image, list(captions)))
     return entries
 
@@ -71,10 +71,16 @@ class CaptionJsonDataset(Dataset):
     naming its path when the item is read.
     """
 
-    def __init__(self, ann_file: str | os.PathLike, image_root: str | os.PathLike, *,
-                 image_size: int = 224,
-                 transform: Optional[Callable[[Image.Image], torch.Tensor]] = None,
-                 mean: Sequence[float] = CLIP_MEAN, std: Sequence[float] = CLIP_STD):
+    def __init__(
+        self,
+        ann_file: str | os.PathLike,
+        image_root: str | os.PathLike,
+        *,
+        image_size: int = 224,
+        transform: Callable[[Image.Image], torch.Tensor] | None = None,
+        mean: Sequence[float] = CLIP_MEAN,
+        std: Sequence[float] = CLIP_STD,
+    ):
         if not isinstance(image_size, int) or image_size < 1:
             raise ValueError(f"image_size must be a positive int, got {image_size!r}")
         if transform is not None and not callable(transform):
@@ -116,7 +122,6 @@ class CaptionJsonDataset(Dataset):
             with Image.open(path) as f:
                 image = f.convert("RGB")
         except FileNotFoundError as e:
-            raise FileNotFoundError(f"{self.ann_file}: entry {index}: image file not found: "
-                                    f"{path}") from e
+            raise FileNotFoundError(f"{self.ann_file}: entry {index}: image file not found: {path}") from e
         tensor = (self.transform or self._default_transform)(image)
         return {"image": tensor, "captions": list(self.entries[index][1]), "index": int(index)}

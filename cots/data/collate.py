@@ -9,7 +9,7 @@ masks, up to the padding length of the text rows.
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -50,9 +50,17 @@ class CotsCollator:
     ``persistent_workers=True`` worker processes keep the collator they started with.
     """
 
-    def __init__(self, tokenizer, *, max_len: int, grid: tuple[int, int],
-                 mlm_prob: float = 0.15, mvm_ratio: float = 0.4, seed: int = 0,
-                 caption: str = "random"):
+    def __init__(
+        self,
+        tokenizer,
+        *,
+        max_len: int,
+        grid: tuple[int, int],
+        mlm_prob: float = 0.15,
+        mvm_ratio: float = 0.4,
+        seed: int = 0,
+        caption: str = "random",
+    ):
         if not isinstance(max_len, int) or max_len < 3:
             raise ValueError(f"max_len must be an int >= 3 (room for a word), got {max_len!r}")
         if len(grid) != 2 or not all(isinstance(g, int) and g > 0 for g in grid):
@@ -81,8 +89,7 @@ class CotsCollator:
         self.epoch = epoch
 
     def _visual_key(self, items: Sequence[dict]) -> str:
-        keys = {("video" if "video" in item else "image" if "image" in item else None)
-                for item in items}
+        keys = {("video" if "video" in item else "image" if "image" in item else None) for item in items}
         if None in keys:
             raise ValueError("every item needs an 'image' or a 'video' tensor")
         if len(keys) > 1:
@@ -97,7 +104,7 @@ class CotsCollator:
         generators: list[torch.Generator] = []
         texts: list[str] = []
         for i, item in enumerate(items):
-            captions: Optional[list] = item.get("captions")
+            captions: list | None = item.get("captions")
             if not captions or not all(isinstance(c, str) for c in captions):
                 raise ValueError(f"items[{i}]['captions'] must be a non-empty list of str")
             index = item.get("index")
@@ -118,8 +125,9 @@ class CotsCollator:
             # Mask the row without its padding: the draws then do not depend on how long
             # the other captions of this batch are.
             n = int(attention_mask[i].sum())
-            ids, labels = mlm_mask(input_ids[i:i + 1, :n], attention_mask[i:i + 1, :n],
-                                   self.tokenizer, self.mlm_prob, g)
+            ids, labels = mlm_mask(
+                input_ids[i : i + 1, :n], attention_mask[i : i + 1, :n], self.tokenizer, self.mlm_prob, g
+            )
             mlm_ids[i, :n] = ids[0]
             mlm_labels[i, :n] = labels[0]
         return {

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Optional
 
 import numpy as np
 import torch
@@ -86,8 +85,7 @@ _RELATION_WORDS = {
     "below": ("below", "under", "beneath"),
 }
 _INVERSE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
-_ONE_TEMPLATES = ("{a}", "there is {a}", "{a} on a dark background", "a picture of {a}",
-                  "an image with {a}")
+_ONE_TEMPLATES = ("{a}", "there is {a}", "{a} on a dark background", "a picture of {a}", "an image with {a}")
 _TWO_TEMPLATES = ("{a} {r} {b}", "there is {a} {r} {b}", "{a} is {r} {b}", "{a} sits {r} {b}")
 _DIRECTION_WORDS = {
     "up": ("up", "upwards", "towards the top"),
@@ -95,8 +93,7 @@ _DIRECTION_WORDS = {
     "left": ("left", "to the left", "towards the left"),
     "right": ("right", "to the right", "towards the right"),
 }
-_MOTION_TEMPLATES = ("{a} moves {d}", "{a} moving {d}", "{a} goes {d}", "{a} slides {d}",
-                     "there is {a} moving {d}")
+_MOTION_TEMPLATES = ("{a} moves {d}", "{a} moving {d}", "{a} goes {d}", "{a} slides {d}", "there is {a} moving {d}")
 
 _SIZE_JITTER = 0.08  # relative radius jitter, small enough that the two sizes never meet
 _COLOR_JITTER = 0.05
@@ -110,15 +107,23 @@ def _words(*groups) -> set[str]:
     out: set[str] = set()
     for group in groups:
         for phrase in group:
-            out.update(phrase.replace("{a}", "").replace("{b}", "").replace("{r}", "")
-                       .replace("{d}", "").split())
+            out.update(phrase.replace("{a}", "").replace("{b}", "").replace("{r}", "").replace("{d}", "").split())
     return out
 
 
 #: Every word the captions of both synthetic datasets can contain.
 VOCABULARY: frozenset[str] = frozenset(
-    _words(["a"], COLORS, SHAPES, *_SIZE_WORDS.values(), *_RELATION_WORDS.values(),
-           _ONE_TEMPLATES, _TWO_TEMPLATES, *_DIRECTION_WORDS.values(), _MOTION_TEMPLATES)
+    _words(
+        ["a"],
+        COLORS,
+        SHAPES,
+        *_SIZE_WORDS.values(),
+        *_RELATION_WORDS.values(),
+        _ONE_TEMPLATES,
+        _TWO_TEMPLATES,
+        *_DIRECTION_WORDS.values(),
+        _MOTION_TEMPLATES,
+    )
 )
 
 
@@ -141,7 +146,7 @@ class Scene:
     ``objects[1]`` (one of :data:`RELATIONS`), ``None`` for one-object scenes."""
 
     objects: tuple[ShapeObject, ...]
-    relation: Optional[str]
+    relation: str | None
 
 
 @dataclass(frozen=True)
@@ -237,8 +242,7 @@ def _item_rngs(seed: int, split: str, kind: int, index: int):
     return np.random.default_rng(scene_ss), np.random.default_rng(caption_ss)
 
 
-def _random_object(rng: np.random.Generator, image_size: int,
-                   exclude=()) -> tuple[str, str, str, float]:
+def _random_object(rng: np.random.Generator, image_size: int, exclude=()) -> tuple[str, str, str, float]:
     """(shape, colour, size, radius), its (colour, shape) different from those in ``exclude``."""
     while True:
         shape = SHAPES[rng.integers(len(SHAPES))]
@@ -291,8 +295,17 @@ class ShapesDataset(Dataset):
     Items are ``{"image": FloatTensor (3, H, W), "captions": list[str], "index": int}``.
     """
 
-    def __init__(self, size: int, *, split: str = "train", image_size: int = 32, seed: int = 0,
-                 captions_per_image: int = 2, two_object_prob: float = 0.6, normalize: bool = True):
+    def __init__(
+        self,
+        size: int,
+        *,
+        split: str = "train",
+        image_size: int = 32,
+        seed: int = 0,
+        captions_per_image: int = 2,
+        two_object_prob: float = 0.6,
+        normalize: bool = True,
+    ):
         _check_common(size, split, image_size, seed, captions_per_image)
         if not 0.0 <= two_object_prob <= 1.0:
             raise ValueError(f"two_object_prob must be in [0, 1], got {two_object_prob!r}")
@@ -351,8 +364,7 @@ class ShapesDataset(Dataset):
         if rng.random() < 0.5:  # describe it from the other object's side
             a, b, relation = b, a, _INVERSE[relation]
         template = _pick(_TWO_TEMPLATES, rng)
-        return template.format(a=_noun_phrase(a, rng), r=_pick(_RELATION_WORDS[relation], rng),
-                               b=_noun_phrase(b, rng))
+        return template.format(a=_noun_phrase(a, rng), r=_pick(_RELATION_WORDS[relation], rng), b=_noun_phrase(b, rng))
 
     def attributes(self, index: int) -> Scene:
         """The scene of item ``index`` (objects, positions, relation)."""
@@ -366,8 +378,7 @@ class ShapesDataset(Dataset):
         img = self._renderer.canvas(self._renderer.tint(scene_rng), scene_rng)
         for obj in scene.objects:
             self._renderer.draw(img, obj, _jittered_color(obj.color, scene_rng))
-        captions = _distinct_captions(lambda g: self._caption(scene, g), self.captions_per_image,
-                                      caption_rng)
+        captions = _distinct_captions(lambda g: self._caption(scene, g), self.captions_per_image, caption_rng)
         return self._renderer.finish(img, normalize), captions
 
     def raw_image(self, index: int) -> torch.Tensor:
@@ -393,8 +404,17 @@ class MovingShapesDataset(Dataset):
     Items are ``{"video": FloatTensor (T, 3, H, W), "captions": list[str], "index": int}``.
     """
 
-    def __init__(self, size: int, *, frames: int = 4, split: str = "train", image_size: int = 32,
-                 seed: int = 0, captions_per_image: int = 2, normalize: bool = True):
+    def __init__(
+        self,
+        size: int,
+        *,
+        frames: int = 4,
+        split: str = "train",
+        image_size: int = 32,
+        seed: int = 0,
+        captions_per_image: int = 2,
+        normalize: bool = True,
+    ):
         _check_common(size, split, image_size, seed, captions_per_image)
         if not isinstance(frames, int) or frames < 2:
             raise ValueError(f"frames must be an int >= 2 (motion needs two), got {frames!r}")
@@ -432,7 +452,8 @@ class MovingShapesDataset(Dataset):
 
     def _caption(self, motion: Motion, rng: np.random.Generator) -> str:
         return _pick(_MOTION_TEMPLATES, rng).format(
-            a=_noun_phrase(motion.object, rng), d=_pick(_DIRECTION_WORDS[motion.direction], rng))
+            a=_noun_phrase(motion.object, rng), d=_pick(_DIRECTION_WORDS[motion.direction], rng)
+        )
 
     def attributes(self, index: int) -> Motion:
         """The motion of item ``index`` (object, direction, centre per frame)."""
@@ -452,8 +473,7 @@ class MovingShapesDataset(Dataset):
             obj = dataclasses.replace(motion.object, x=x, y=y)
             self._renderer.draw(img, obj, color)
             frames.append(self._renderer.finish(img, normalize))
-        captions = _distinct_captions(lambda g: self._caption(motion, g), self.captions_per_image,
-                                      caption_rng)
+        captions = _distinct_captions(lambda g: self._caption(motion, g), self.captions_per_image, caption_rng)
         return torch.stack(frames), captions
 
     def raw_video(self, index: int) -> torch.Tensor:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import nn
 
@@ -55,7 +53,7 @@ class TextLayer(nn.Module):
         self.ffn = Mlp(width, config.intermediate, config.dropout, hidden_dropout=False)  # BERT: no dropout after GELU
         self.ffn_norm = nn.LayerNorm(width, eps=eps)
 
-    def forward(self, x: torch.Tensor, key_padding_mask: Optional[torch.Tensor]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None) -> torch.Tensor:
         x = self.attn_norm(x + self.attn(x, key_padding_mask=key_padding_mask))
         return self.ffn_norm(x + self.ffn(x))
 
@@ -102,7 +100,7 @@ class TextEncoder(nn.Module):
                 nn.init.zeros_(module.bias)
         self.embeddings.word.weight[self.config.pad_id].zero_()
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Encode token ids.
 
         Args:
@@ -148,7 +146,7 @@ class TextEncoder(nn.Module):
                 )
 
     @staticmethod
-    def _as_bool_mask(attention_mask: Optional[torch.Tensor], input_ids: torch.Tensor) -> Optional[torch.Tensor]:
+    def _as_bool_mask(attention_mask: torch.Tensor | None, input_ids: torch.Tensor) -> torch.Tensor | None:
         if attention_mask is None:
             return None
         if not isinstance(attention_mask, torch.Tensor):

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import nn
 
@@ -120,7 +118,7 @@ class VisionTransformer(nn.Module):
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
 
-    def forward(self, images: torch.Tensor, patch_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, images: torch.Tensor, patch_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Encode images into [CLS] + patch tokens.
 
         Args:

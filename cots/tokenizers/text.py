@@ -12,7 +12,7 @@ import os
 import re
 import unicodedata
 from collections import Counter
-from typing import Iterable, Sequence, Union
+from collections.abc import Iterable, Sequence
 
 import torch
 
@@ -21,7 +21,7 @@ __all__ = ["SPECIAL_TOKENS", "WordPieceTokenizer", "WordTokenizer"]
 #: Special tokens in the order :class:`WordTokenizer` numbers them ([PAD] = 0).
 SPECIAL_TOKENS: tuple[str, ...] = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 
-IdsLike = Union[torch.Tensor, Sequence[int], Sequence[Sequence[int]]]
+IdsLike = torch.Tensor | Sequence[int] | Sequence[Sequence[int]]
 
 
 class _VocabTokenizer:
@@ -42,10 +42,8 @@ class _VocabTokenizer:
         missing = [t for t in SPECIAL_TOKENS if t not in self._ids]
         if missing:
             raise ValueError(f"vocab lacks the special tokens {missing}")
-        self.pad_id, self.unk_id, self.cls_id, self.sep_id, self.mask_id = (
-            self._ids[t] for t in SPECIAL_TOKENS)
-        self.special_ids: frozenset[int] = frozenset(
-            (self.pad_id, self.unk_id, self.cls_id, self.sep_id, self.mask_id))
+        self.pad_id, self.unk_id, self.cls_id, self.sep_id, self.mask_id = (self._ids[t] for t in SPECIAL_TOKENS)
+        self.special_ids: frozenset[int] = frozenset((self.pad_id, self.unk_id, self.cls_id, self.sep_id, self.mask_id))
 
     @property
     def vocab_size(self) -> int:
@@ -105,7 +103,7 @@ class _VocabTokenizer:
             attention_mask[i, : len(row)] = True
         return input_ids, attention_mask
 
-    def decode(self, ids: IdsLike, *, skip_special: bool = True) -> Union[str, list[str]]:
+    def decode(self, ids: IdsLike, *, skip_special: bool = True) -> str | list[str]:
         """Turns ids back into text: a 1-D sequence gives a str, a 2-D one a list of str.
 
         ``skip_special`` drops [PAD], [CLS] and [SEP] ([UNK] and [MASK] stay visible).
@@ -136,7 +134,7 @@ class WordTokenizer(_VocabTokenizer):
             raise ValueError(f"vocab must start with {list(SPECIAL_TOKENS)}")
 
     @classmethod
-    def from_corpus(cls, texts: Iterable[str], min_freq: int = 1) -> "WordTokenizer":
+    def from_corpus(cls, texts: Iterable[str], min_freq: int = 1) -> WordTokenizer:
         """Vocabulary of the words seen at least ``min_freq`` times, most frequent first
         (ties alphabetical, so the result does not depend on the corpus order)."""
         if not isinstance(min_freq, int) or min_freq < 1:
@@ -146,8 +144,7 @@ class WordTokenizer(_VocabTokenizer):
         counts: Counter[str] = Counter()
         for text in texts:
             counts.update(cls._WORD.findall(text.lower()))
-        words = sorted((w for w, c in counts.items() if c >= min_freq),
-                       key=lambda w: (-counts[w], w))
+        words = sorted((w for w, c in counts.items() if c >= min_freq), key=lambda w: (-counts[w], w))
         return cls([*SPECIAL_TOKENS, *words])
 
     def tokenize(self, text: str) -> list[str]:
@@ -163,13 +160,14 @@ class WordTokenizer(_VocabTokenizer):
             json.dump({"type": "word", "vocab": self._tokens}, f, ensure_ascii=False)
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "WordTokenizer":
+    def load(cls, path: str | os.PathLike) -> WordTokenizer:
         """Reads a file written by :meth:`save`."""
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
         if not isinstance(data, dict) or data.get("type") != "word" or "vocab" not in data:
-            raise ValueError(f"{os.fspath(path)}: not a WordTokenizer file "
-                             "(expected {'type': 'word', 'vocab': [...]})")
+            raise ValueError(
+                f"{os.fspath(path)}: not a WordTokenizer file (expected {{'type': 'word', 'vocab': [...]}})"
+            )
         return cls(data["vocab"])
 
 
@@ -185,9 +183,16 @@ def _is_punctuation(ch: str) -> bool:
 def _is_cjk(cp: int) -> bool:
     # CJK Unified Ideographs and their extension / compatibility blocks (not Hangul or
     # kana, which are written with spaces or tokenized as words).
-    return (0x4E00 <= cp <= 0x9FFF or 0x3400 <= cp <= 0x4DBF or 0x20000 <= cp <= 0x2A6DF
-            or 0x2A700 <= cp <= 0x2B73F or 0x2B740 <= cp <= 0x2B81F or 0x2B820 <= cp <= 0x2CEAF
-            or 0xF900 <= cp <= 0xFAFF or 0x2F800 <= cp <= 0x2FA1F)
+    return (
+        0x4E00 <= cp <= 0x9FFF
+        or 0x3400 <= cp <= 0x4DBF
+        or 0x20000 <= cp <= 0x2A6DF
+        or 0x2A700 <= cp <= 0x2B73F
+        or 0x2B740 <= cp <= 0x2B81F
+        or 0x2B820 <= cp <= 0x2CEAF
+        or 0xF900 <= cp <= 0xFAFF
+        or 0x2F800 <= cp <= 0x2FA1F
+    )
 
 
 def _clean(text: str) -> str:
@@ -208,8 +213,7 @@ def _clean(text: str) -> str:
 
 
 def _strip_accents(text: str) -> str:
-    return "".join(ch for ch in unicodedata.normalize("NFD", text)
-                   if unicodedata.category(ch) != "Mn")
+    return "".join(ch for ch in unicodedata.normalize("NFD", text) if unicodedata.category(ch) != "Mn")
 
 
 def _split_punctuation(word: str) -> list[str]:
@@ -245,15 +249,13 @@ class WordPieceTokenizer(_VocabTokenizer):
         max_input_chars_per_word: longer words map to ``[UNK]`` (100, as BERT).
     """
 
-    def __init__(self, vocab: Sequence[str], *, lowercase: bool = True,
-                 max_input_chars_per_word: int = 100):
+    def __init__(self, vocab: Sequence[str], *, lowercase: bool = True, max_input_chars_per_word: int = 100):
         super().__init__(vocab)
         self.lowercase = lowercase
         self.max_input_chars_per_word = max_input_chars_per_word
 
     @classmethod
-    def from_vocab_file(cls, path: str | os.PathLike, lowercase: bool = True,
-                        **kwargs) -> "WordPieceTokenizer":
+    def from_vocab_file(cls, path: str | os.PathLike, lowercase: bool = True, **kwargs) -> WordPieceTokenizer:
         """Reads a BERT ``vocab.txt``: one token per line, the id is the line number."""
         with open(path, encoding="utf-8") as f:
             tokens = [line.rstrip("\n") for line in f]

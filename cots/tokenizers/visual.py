@@ -14,7 +14,8 @@ from __future__ import annotations
 import os
 import warnings
 import zipfile
-from typing import Optional, Protocol, Sequence, runtime_checkable
+from collections.abc import Sequence
+from typing import Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -36,11 +37,10 @@ class VisualTokenizer(Protocol):
     vocab_size: int
     patch_size: int
 
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        ...
+    def __call__(self, images: torch.Tensor) -> torch.Tensor: ...
 
 
-def _check_images(images: torch.Tensor, patch_size: int, in_chans: Optional[int] = None):
+def _check_images(images: torch.Tensor, patch_size: int, in_chans: int | None = None):
     if not isinstance(images, torch.Tensor) or images.dim() != 4:
         shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
         raise ValueError(f"images must be a (B, C, H, W) tensor, got {shape}")
@@ -107,22 +107,22 @@ class KMeansPatchTokenizer(nn.Module):
 
     def __init__(self, vocab_size: int, patch_size: int, *, in_chans: int = 3):
         super().__init__()
-        for name, value in (("vocab_size", vocab_size), ("patch_size", patch_size),
-                            ("in_chans", in_chans)):
+        for name, value in (("vocab_size", vocab_size), ("patch_size", patch_size), ("in_chans", in_chans)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         self.vocab_size = vocab_size
         self.patch_size = patch_size
         self.in_chans = in_chans
-        self.register_buffer("centroids", torch.zeros(vocab_size, in_chans * patch_size ** 2))
+        self.register_buffer("centroids", torch.zeros(vocab_size, in_chans * patch_size**2))
         self.register_buffer("fitted", torch.tensor(False))
         # A host-side mirror of the buffer: once it is True, forward checks it without a
         # device sync (the buffer may also be filled by load_state_dict or a broadcast).
         self._is_fitted = False
 
     @torch.no_grad()
-    def fit(self, images: torch.Tensor, *, niter: int = 20, seed: int = 0,
-            max_patches: int = 100_000) -> "KMeansPatchTokenizer":
+    def fit(
+        self, images: torch.Tensor, *, niter: int = 20, seed: int = 0, max_patches: int = 100_000
+    ) -> KMeansPatchTokenizer:
         """Learns the codebook from ``images`` (N, C, H, W).
 
         Uses ``faiss.Kmeans`` (L2, not spherical) on at most ``max_patches`` patches drawn
@@ -133,25 +133,24 @@ class KMeansPatchTokenizer(nn.Module):
         if not isinstance(niter, int) or niter < 1:
             raise ValueError(f"niter must be a positive int, got {niter!r}")
         if not isinstance(max_patches, int) or max_patches < self.vocab_size:
-            raise ValueError(f"max_patches must be an int >= vocab_size ({self.vocab_size}), "
-                             f"got {max_patches!r}")
-        x = patchify(images.detach().float().cpu(), self.patch_size).reshape(
-            -1, self.centroids.shape[1])
+            raise ValueError(f"max_patches must be an int >= vocab_size ({self.vocab_size}), got {max_patches!r}")
+        x = patchify(images.detach().float().cpu(), self.patch_size).reshape(-1, self.centroids.shape[1])
         if x.shape[0] < self.vocab_size:
-            raise ValueError(f"{x.shape[0]} patches cannot fit {self.vocab_size} centroids; "
-                             "pass more images")
+            raise ValueError(f"{x.shape[0]} patches cannot fit {self.vocab_size} centroids; pass more images")
         if x.shape[0] > max_patches:
             g = torch.Generator().manual_seed(seed)
             x = x[torch.randperm(x.shape[0], generator=g)[:max_patches]]
         try:
             import faiss
         except ImportError:
-            warnings.warn("faiss is not installed; fitting KMeansPatchTokenizer with the "
-                          "slower torch k-means", RuntimeWarning, stacklevel=2)
+            warnings.warn(
+                "faiss is not installed; fitting KMeansPatchTokenizer with the slower torch k-means",
+                RuntimeWarning,
+                stacklevel=2,
+            )
             centroids = _torch_kmeans(x, self.vocab_size, niter, seed)
         else:
-            kmeans = faiss.Kmeans(x.shape[1], self.vocab_size, niter=niter, seed=seed,
-                                  spherical=False, verbose=False)
+            kmeans = faiss.Kmeans(x.shape[1], self.vocab_size, niter=niter, seed=seed, spherical=False, verbose=False)
             kmeans.train(x.contiguous().numpy())
             centroids = torch.from_numpy(kmeans.centroids)
         self.centroids.copy_(centroids)
@@ -165,8 +164,9 @@ class KMeansPatchTokenizer(nn.Module):
         if not self._is_fitted:
             self._is_fitted = bool(self.fitted)
         if not self._is_fitted:
-            raise RuntimeError("KMeansPatchTokenizer is not fitted: call fit(images) or load "
-                               "a state_dict that holds fitted centroids")
+            raise RuntimeError(
+                "KMeansPatchTokenizer is not fitted: call fit(images) or load a state_dict that holds fitted centroids"
+            )
         _check_images(images, self.patch_size, self.in_chans)
         x = patchify(images.to(self.centroids.dtype), self.patch_size)
         b, n, d = x.shape
@@ -195,9 +195,17 @@ class DVAETokenizer(nn.Module):
         input_size: side the images are resized to (bilinear, antialiased) before encoding.
     """
 
-    def __init__(self, encoder: nn.Module, *, patch_size: int, vocab_size: int,
-                 input_map: str = "dalle", image_mean: Optional[Sequence[float]] = None,
-                 image_std: Optional[Sequence[float]] = None, input_size: Optional[int] = None):
+    def __init__(
+        self,
+        encoder: nn.Module,
+        *,
+        patch_size: int,
+        vocab_size: int,
+        input_map: str = "dalle",
+        image_mean: Sequence[float] | None = None,
+        image_std: Sequence[float] | None = None,
+        input_size: int | None = None,
+    ):
         super().__init__()
         if not isinstance(encoder, nn.Module):
             raise TypeError(f"encoder must be an nn.Module, got {type(encoder).__name__}")
@@ -219,16 +227,13 @@ class DVAETokenizer(nn.Module):
         self.input_map = input_map
         self.input_size = input_size
         if image_mean is not None:
-            self.register_buffer("image_mean",
-                                 torch.tensor(image_mean, dtype=torch.float32).view(1, -1, 1, 1))
-            self.register_buffer("image_std",
-                                 torch.tensor(image_std, dtype=torch.float32).view(1, -1, 1, 1))
+            self.register_buffer("image_mean", torch.tensor(image_mean, dtype=torch.float32).view(1, -1, 1, 1))
+            self.register_buffer("image_std", torch.tensor(image_std, dtype=torch.float32).view(1, -1, 1, 1))
         else:
             self.image_mean = self.image_std = None
 
     @classmethod
-    def from_checkpoint(cls, path: str | os.PathLike, *, map_location="cpu",
-                        **kwargs) -> "DVAETokenizer":
+    def from_checkpoint(cls, path: str | os.PathLike, *, map_location="cpu", **kwargs) -> DVAETokenizer:
         """Loads the encoder from ``path`` and wraps it (``kwargs`` go to the constructor).
 
         ``path`` is a TorchScript archive (``torch.jit.save``) or a whole pickled module
@@ -250,11 +255,13 @@ class DVAETokenizer(nn.Module):
             encoder = torch.load(path, map_location=map_location, weights_only=False)
         if not isinstance(encoder, nn.Module):
             hint = " (a state_dict?)" if isinstance(encoder, dict) else ""
-            raise TypeError(f"{path} holds a {type(encoder).__name__}{hint}, not a module; build "
-                            "the encoder and pass it to DVAETokenizer(encoder, ...)")
+            raise TypeError(
+                f"{path} holds a {type(encoder).__name__}{hint}, not a module; build "
+                "the encoder and pass it to DVAETokenizer(encoder, ...)"
+            )
         return cls(encoder, **kwargs)
 
-    def train(self, mode: bool = True) -> "DVAETokenizer":
+    def train(self, mode: bool = True) -> DVAETokenizer:
         """Keeps the frozen encoder in eval mode whatever the parent model's mode."""
         super().train(mode)
         self.encoder.eval()
@@ -269,8 +276,9 @@ class DVAETokenizer(nn.Module):
         if self.image_mean is not None:
             x = x * self.image_std + self.image_mean
         if self.input_size is not None:
-            x = F.interpolate(x, size=(self.input_size, self.input_size), mode="bilinear",
-                              align_corners=False, antialias=True).clamp(0.0, 1.0)
+            x = F.interpolate(
+                x, size=(self.input_size, self.input_size), mode="bilinear", align_corners=False, antialias=True
+            ).clamp(0.0, 1.0)
         if self.input_map == "dalle":
             x = (1 - 2 * _DALLE_EPS) * x + _DALLE_EPS
         logits = self.encoder(x)
@@ -278,10 +286,13 @@ class DVAETokenizer(nn.Module):
             shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits)
             raise ValueError(f"dVAE encoder must return logits (B, vocab, h, w), got {shape}")
         if logits.shape[1] != self.vocab_size:
-            raise ValueError(f"dVAE encoder returns {logits.shape[1]} logits per position, but "
-                             f"vocab_size is {self.vocab_size}")
+            raise ValueError(
+                f"dVAE encoder returns {logits.shape[1]} logits per position, but vocab_size is {self.vocab_size}"
+            )
         if tuple(logits.shape[2:]) != grid:
-            raise ValueError(f"dVAE grid {tuple(logits.shape[2:])} does not match the patch grid "
-                             f"{grid} of {images.shape[2]}x{images.shape[3]} images with "
-                             f"patch_size {self.patch_size}; set input_size so that they agree")
+            raise ValueError(
+                f"dVAE grid {tuple(logits.shape[2:])} does not match the patch grid "
+                f"{grid} of {images.shape[2]}x{images.shape[3]} images with "
+                f"patch_size {self.patch_size}; set input_size so that they agree"
+            )
         return logits.argmax(1).flatten(1)

@@ -14,7 +14,7 @@ import os
 import random
 import re
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import torch
@@ -37,7 +37,7 @@ def list_checkpoints(out_dir: str | os.PathLike) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def latest(out_dir: str | os.PathLike) -> Optional[Path]:
+def latest(out_dir: str | os.PathLike) -> Path | None:
     """The checkpoint with the highest step in ``out_dir``, or None."""
     found = list_checkpoints(out_dir)
     return found[-1][1] if found else None
@@ -57,8 +57,13 @@ def rng_state() -> dict[str, Any]:
     return {
         "python": random.getstate(),
         # numpy's key array as a tensor: weights_only loading refuses numpy objects.
-        "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": pos,
-                  "has_gauss": has_gauss, "gauss": gauss},
+        "numpy": {
+            "name": name,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": pos,
+            "has_gauss": has_gauss,
+            "gauss": gauss,
+        },
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
     }

@@ -14,12 +14,14 @@ import difflib
 import json
 import math
 import os
-import tomllib
 import types
 import typing
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Mapping, Optional, Sequence, Union
+from typing import Any, Literal, Union
+
+import tomllib
 
 from cots.config import COTSConfig
 
@@ -51,14 +53,14 @@ class DataConfig:
     dataset: Literal["shapes", "shapes_video", "captions"] = "shapes"
     train_size: int = 4096
     eval_size: int = 256
-    image_size: Optional[int] = None
+    image_size: int | None = None
     num_frames: int = 4
-    captions_json: Optional[str] = None
-    image_root: Optional[str] = None
-    vocab_file: Optional[str] = None
+    captions_json: str | None = None
+    image_root: str | None = None
+    vocab_file: str | None = None
     max_len: int = 16
-    eval_captions_json: Optional[str] = None
-    eval_image_root: Optional[str] = None
+    eval_captions_json: str | None = None
+    eval_image_root: str | None = None
     tokenizer_images: int = 512
     num_workers: int = 0
 
@@ -125,8 +127,8 @@ class TrainConfig:
     checkpoint_every: int = 500
     eval_every: int = 0
     keep_checkpoints: int = 3
-    out_dir: Optional[str] = "runs/cots"
-    resume: Optional[str] = "auto"
+    out_dir: str | None = "runs/cots"
+    resume: str | None = "auto"
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -134,8 +136,11 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Check ranges and cross-field consistency; raise ``ValueError`` naming the key."""
-        for name, value, cls in (("model", self.model, COTSConfig), ("data", self.data, DataConfig),
-                                 ("optim", self.optim, OptimConfig)):
+        for name, value, cls in (
+            ("model", self.model, COTSConfig),
+            ("data", self.data, DataConfig),
+            ("optim", self.optim, OptimConfig),
+        ):
             if not isinstance(value, cls):
                 raise TypeError(f"{name} must be a {cls.__name__}, got {type(value).__name__}")
         for name, owner in (("precision", self), ("dataset", self.data)):
@@ -144,26 +149,36 @@ class TrainConfig:
                 prefix = "data." if owner is self.data else ""
                 raise ValueError(f"{prefix}{name} must be one of {allowed}, got {getattr(owner, name)!r}")
         positive = {
-            "steps": self.steps, "batch_size": self.batch_size, "log_every": self.log_every,
-            "keep_checkpoints": self.keep_checkpoints, "data.train_size": self.data.train_size,
-            "data.eval_size": self.data.eval_size, "data.max_len": self.data.max_len,
-            "data.num_frames": self.data.num_frames, "data.tokenizer_images": self.data.tokenizer_images,
+            "steps": self.steps,
+            "batch_size": self.batch_size,
+            "log_every": self.log_every,
+            "keep_checkpoints": self.keep_checkpoints,
+            "data.train_size": self.data.train_size,
+            "data.eval_size": self.data.eval_size,
+            "data.max_len": self.data.max_len,
+            "data.num_frames": self.data.num_frames,
+            "data.tokenizer_images": self.data.tokenizer_images,
         }
         if self.data.image_size is not None:
             positive["data.image_size"] = self.data.image_size
         for name, value in positive.items():
             if value <= 0:
                 raise ValueError(f"{name} must be positive, got {value!r}")
-        for name, value in {"checkpoint_every": self.checkpoint_every, "eval_every": self.eval_every,
-                            "optim.warmup_steps": self.optim.warmup_steps,
-                            "data.num_workers": self.data.num_workers}.items():
+        for name, value in {
+            "checkpoint_every": self.checkpoint_every,
+            "eval_every": self.eval_every,
+            "optim.warmup_steps": self.optim.warmup_steps,
+            "data.num_workers": self.data.num_workers,
+        }.items():
             if value < 0:
                 raise ValueError(f"{name} must be >= 0, got {value!r}")
         for name, value in {"optim.lr": self.optim.lr, "optim.eps": self.optim.eps}.items():
             if not (math.isfinite(value) and value > 0):
                 raise ValueError(f"{name} must be positive and finite, got {value!r}")
-        for name, value in {"optim.weight_decay": self.optim.weight_decay,
-                            "optim.grad_clip": self.optim.grad_clip}.items():
+        for name, value in {
+            "optim.weight_decay": self.optim.weight_decay,
+            "optim.grad_clip": self.optim.grad_clip,
+        }.items():
             if not (math.isfinite(value) and value >= 0):
                 raise ValueError(f"{name} must be finite and >= 0, got {value!r}")
         if not 0.0 <= self.optim.min_lr_ratio <= 1.0:
@@ -392,13 +407,13 @@ def _merge(base: dict[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def parse_flags(argv: Sequence[str]) -> tuple[Optional[str], dict[str, Any]]:
+def parse_flags(argv: Sequence[str]) -> tuple[str | None, dict[str, Any]]:
     """Split ``argv`` into the ``--config`` path and a nested dict of overrides.
 
     Accepts ``--key value`` and ``--key=value``; a bool field given without a value
     (``--progress`` followed by another flag or nothing) means true.
     """
-    config_path: Optional[str] = None
+    config_path: str | None = None
     overrides: dict[str, Any] = {}
     i = 0
     while i < len(argv):

@@ -84,7 +84,7 @@ def setup(device: str = "auto") -> DistInfo:
         rank, world = _env_int("RANK", 0), _env_int("WORLD_SIZE", 1)
     local_rank = _env_int("LOCAL_RANK", 0)
     if world > 1 and device.startswith("cuda:"):
-        raise ValueError(f"device {device!r} pins one GPU; under torchrun use \"cuda\" or \"auto\" (one GPU per rank)")
+        raise ValueError(f'device {device!r} pins one GPU; under torchrun use "cuda" or "auto" (one GPU per rank)')
     resolved = resolve_device(device, local_rank)
     if resolved.type == "cuda":
         torch.cuda.set_device(resolved)

@@ -8,7 +8,7 @@ import resource
 import sys
 import time
 from pathlib import Path
-from typing import Any, Optional, TextIO
+from typing import Any, TextIO
 
 import torch
 
@@ -38,7 +38,7 @@ class JsonlLogger:
             file reads as one uninterrupted run. None starts a new file.
     """
 
-    def __init__(self, path: str | os.PathLike, *, resume_step: Optional[int] = None) -> None:
+    def __init__(self, path: str | os.PathLike, *, resume_step: int | None = None) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         kept = []
@@ -46,7 +46,7 @@ class JsonlLogger:
             kept = [r for r in read_jsonl(self.path) if r.get("step", 0) <= resume_step]
         with self.path.open("w") as f:
             f.writelines(json.dumps(r) + "\n" for r in kept)
-        self._file: Optional[TextIO] = self.path.open("a")
+        self._file: TextIO | None = self.path.open("a")
 
     def write(self, record: dict[str, Any]) -> None:
         """Append ``record`` (JSON-serialisable values) as one line."""
@@ -61,7 +61,7 @@ class JsonlLogger:
             self._file.close()
             self._file = None
 
-    def __enter__(self) -> "JsonlLogger":
+    def __enter__(self) -> JsonlLogger:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -92,8 +92,9 @@ class Progress:
         width: characters of the bar itself.
     """
 
-    def __init__(self, total: int, *, start: int = 0, stream: Optional[TextIO] = None, lines: int = 20,
-                 width: int = 24) -> None:
+    def __init__(
+        self, total: int, *, start: int = 0, stream: TextIO | None = None, lines: int = 20, width: int = 24
+    ) -> None:
         self.total, self.start = total, start
         self.stream = stream if stream is not None else sys.stderr
         self.tty = bool(getattr(self.stream, "isatty", lambda: False)())

@@ -23,9 +23,10 @@ import random
 import sys
 import time
 import warnings
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, Sequence, Union
+from typing import Any
 
 import numpy as np
 import torch
@@ -44,7 +45,7 @@ from . import distributed
 from .config import TrainConfig, config_from_dict
 from .log import JsonlLogger, Progress, peak_memory_mib
 
-TextTokenizer = Union[WordTokenizer, WordPieceTokenizer]
+TextTokenizer = WordTokenizer | WordPieceTokenizer
 LOG_FILE = "log.jsonl"
 CONFIG_FILE = "config.json"
 
@@ -83,8 +84,8 @@ class StepSampler:
         self.dataset_size, self.batch_size, self.seed = dataset_size, batch_size, seed
         self.rank, self.world_size = rank, world_size
         self.steps_per_epoch = dataset_size // batch_size
-        self._epoch: Optional[int] = None
-        self._perm: Optional[torch.Tensor] = None
+        self._epoch: int | None = None
+        self._perm: torch.Tensor | None = None
 
     def epoch_of(self, step: int) -> int:
         """The epoch step ``step`` (0-based) belongs to."""
@@ -110,18 +111,22 @@ class StepSampler:
         return self.global_indices(step)[self.rank * per_rank : (self.rank + 1) * per_rank]
 
 
-def build_datasets(config: TrainConfig) -> tuple[Dataset, Optional[Dataset]]:
+def build_datasets(config: TrainConfig) -> tuple[Dataset, Dataset | None]:
     """The training dataset and the held-out evaluation set: the synthetic data's "val"
     split, or ``data.eval_captions_json`` (None when there is none)."""
     data, size = config.data, config.image_size
     if data.dataset == "shapes":
-        return (ShapesDataset(data.train_size, split="train", image_size=size, seed=config.seed),
-                ShapesDataset(data.eval_size, split="val", image_size=size, seed=config.seed))
+        return (
+            ShapesDataset(data.train_size, split="train", image_size=size, seed=config.seed),
+            ShapesDataset(data.eval_size, split="val", image_size=size, seed=config.seed),
+        )
     if data.dataset == "shapes_video":
-        return (MovingShapesDataset(data.train_size, frames=data.num_frames, split="train", image_size=size,
-                                    seed=config.seed),
-                MovingShapesDataset(data.eval_size, frames=data.num_frames, split="val", image_size=size,
-                                    seed=config.seed))
+        return (
+            MovingShapesDataset(
+                data.train_size, frames=data.num_frames, split="train", image_size=size, seed=config.seed
+            ),
+            MovingShapesDataset(data.eval_size, frames=data.num_frames, split="val", image_size=size, seed=config.seed),
+        )
     root = data.image_root if data.image_root is not None else str(Path(data.captions_json).parent)
     eval_set = None
     if data.eval_captions_json is not None:
@@ -141,16 +146,21 @@ def build_text_tokenizer(config: TrainConfig) -> TextTokenizer:
 def tokenizer_state(tokenizer: TextTokenizer) -> dict[str, Any]:
     """What :func:`tokenizer_from_state` needs to rebuild ``tokenizer`` (stored in checkpoints)."""
     if isinstance(tokenizer, WordPieceTokenizer):
-        return {"type": "wordpiece", "vocab": tokenizer.vocab, "lowercase": tokenizer.lowercase,
-                "max_input_chars_per_word": tokenizer.max_input_chars_per_word}
+        return {
+            "type": "wordpiece",
+            "vocab": tokenizer.vocab,
+            "lowercase": tokenizer.lowercase,
+            "max_input_chars_per_word": tokenizer.max_input_chars_per_word,
+        }
     return {"type": "word", "vocab": tokenizer.vocab}
 
 
 def tokenizer_from_state(state: dict[str, Any]) -> TextTokenizer:
     """The text tokenizer :func:`tokenizer_state` described."""
     if state.get("type") == "wordpiece":
-        return WordPieceTokenizer(state["vocab"], lowercase=state["lowercase"],
-                                  max_input_chars_per_word=state["max_input_chars_per_word"])
+        return WordPieceTokenizer(
+            state["vocab"], lowercase=state["lowercase"], max_input_chars_per_word=state["max_input_chars_per_word"]
+        )
     if state.get("type") == "word":
         return WordTokenizer(state["vocab"])
     raise ValueError(f"unknown tokenizer type {state.get('type')!r} in the checkpoint")
@@ -168,8 +178,15 @@ def tokenizer_sample(dataset: Dataset, count: int, seed: int) -> torch.Tensor:
     return torch.cat(frames)
 
 
-def _batches(dataset: Dataset, sampler: StepSampler, collator: CotsCollator, start: int, end: int,
-             num_workers: int, pin_memory: bool) -> Iterator[dict[str, torch.Tensor]]:
+def _batches(
+    dataset: Dataset,
+    sampler: StepSampler,
+    collator: CotsCollator,
+    start: int,
+    end: int,
+    num_workers: int,
+    pin_memory: bool,
+) -> Iterator[dict[str, torch.Tensor]]:
     """This rank's batches of steps ``[start, end)``. One DataLoader per epoch, because
     the collator's masks depend on the epoch and workers keep the collator they got."""
     step = start
@@ -180,9 +197,14 @@ def _batches(dataset: Dataset, sampler: StepSampler, collator: CotsCollator, sta
         # A generator of its own: each DataLoader iterator otherwise draws its workers'
         # base seed from the global stream, and a resumed run (one extra iterator at the
         # resume step) would then see different dropout than an uninterrupted one.
-        loader = DataLoader(dataset, batch_sampler=[sampler.indices(s) for s in range(step, stop)],
-                            collate_fn=collator, num_workers=num_workers, pin_memory=pin_memory,
-                            generator=torch.Generator().manual_seed(sampler.seed + epoch))
+        loader = DataLoader(
+            dataset,
+            batch_sampler=[sampler.indices(s) for s in range(step, stop)],
+            collate_fn=collator,
+            num_workers=num_workers,
+            pin_memory=pin_memory,
+            generator=torch.Generator().manual_seed(sampler.seed + epoch),
+        )
         yield from loader
         step = stop
 
@@ -219,15 +241,17 @@ def lr_factor(step: int, *, total: int, warmup: int, min_ratio: float) -> float:
 def build_optimizer(model: nn.Module, config: TrainConfig, device: torch.device) -> torch.optim.AdamW:
     """AdamW over :func:`param_groups`; the fused kernel on CUDA."""
     o = config.optim
-    return torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=o.betas, eps=o.eps,
-                             fused=device.type == "cuda")
+    return torch.optim.AdamW(
+        param_groups(model, o.weight_decay), lr=o.lr, betas=o.betas, eps=o.eps, fused=device.type == "cuda"
+    )
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
     """LambdaLR of :func:`lr_factor` over ``config.steps``."""
     o = config.optim
     return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, total=config.steps, warmup=o.warmup_steps, min_ratio=o.min_lr_ratio))
+        optimizer, lambda s: lr_factor(s, total=config.steps, warmup=o.warmup_steps, min_ratio=o.min_lr_ratio)
+    )
 
 
 # ---------------------------------------------------------------------------------------
@@ -251,14 +275,14 @@ class StepState:
     model: COTSModel
     optimizer: torch.optim.Optimizer
     config: TrainConfig
-    record: Optional[dict[str, Any]]
+    record: dict[str, Any] | None
     rank: int
 
 
 #: A callback gets the :class:`StepState` after every step; returning True stops the run
 #: after that step (a checkpoint is written if one is due). Under DDP every rank must
 #: return the same answer.
-Callback = Callable[[StepState], Optional[bool]]
+Callback = Callable[[StepState], bool | None]
 
 
 @dataclass
@@ -279,8 +303,8 @@ class TrainResult:
     tokenizer: TextTokenizer
     history: list[dict[str, Any]]
     step: int
-    checkpoint: Optional[Path]
-    datasets: tuple[Dataset, Optional[Dataset]] = field(repr=False)
+    checkpoint: Path | None
+    datasets: tuple[Dataset, Dataset | None] = field(repr=False)
     evaluations: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -291,7 +315,7 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _resolve_resume(config: TrainConfig) -> Optional[Path]:
+def _resolve_resume(config: TrainConfig) -> Path | None:
     if config.resume is None or config.resume == "none":
         return None
     if config.resume == "auto":
@@ -350,7 +374,7 @@ def _train(config: TrainConfig, info: distributed.DistInfo, callbacks: list[Call
     if resumed is None and existing:
         raise ValueError(
             f"out_dir {str(out_dir)!r} already holds checkpoints of an earlier run (latest: step "
-            f"{existing[-1][0]}); resume it (resume \"auto\") or choose another out_dir"
+            f'{existing[-1][0]}); resume it (resume "auto") or choose another out_dir'
         )
 
     seed_everything(config.seed)
@@ -359,14 +383,16 @@ def _train(config: TrainConfig, info: distributed.DistInfo, callbacks: list[Call
         raise ValueError(f"the training set has {len(train_set)} items, fewer than batch_size {config.batch_size}")
     tokenizer = tokenizer_from_state(resumed["tokenizer"]) if resumed else build_text_tokenizer(config)
     vision = config.model.vision_config()
-    visual_tokenizer = KMeansPatchTokenizer(config.model.visual_vocab_size, vision.patch_size,
-                                            in_chans=vision.in_chans).to(device)  # NCCL broadcasts device tensors
+    visual_tokenizer = KMeansPatchTokenizer(
+        config.model.visual_vocab_size, vision.patch_size, in_chans=vision.in_chans
+    ).to(device)  # NCCL broadcasts device tensors
     if resumed is None and config.model.mvm_weight > 0:
         # Rank 0 fits, the others receive the codebook: faiss is not bit-reproducible
         # across processes with several threads.
         if info.is_main:
-            visual_tokenizer.fit(tokenizer_sample(train_set, config.data.tokenizer_images, config.seed),
-                                 seed=config.seed)
+            visual_tokenizer.fit(
+                tokenizer_sample(train_set, config.data.tokenizer_images, config.seed), seed=config.seed
+            )
         _broadcast_module(visual_tokenizer, info)
     # A resumed run takes every weight from its checkpoint, not the pretrained files.
     model_config = config.model if resumed is None else without_pretrained(config.model)
@@ -400,15 +426,25 @@ def _train(config: TrainConfig, info: distributed.DistInfo, callbacks: list[Call
         for saved_step, path in existing:
             if saved_step > start:  # resumed from an earlier checkpoint: later ones are stale
                 path.unlink()
-    logger = JsonlLogger(out_dir / LOG_FILE, resume_step=start if resumed else None) \
-        if info.is_main and out_dir is not None else None
+    logger = (
+        JsonlLogger(out_dir / LOG_FILE, resume_step=start if resumed else None)
+        if info.is_main and out_dir is not None
+        else None
+    )
     progress = Progress(config.steps, start=start) if info.is_main and config.progress else None
 
     sampler = StepSampler(len(train_set), config.batch_size, config.seed, info.rank, info.world_size)
-    collator = CotsCollator(tokenizer, max_len=config.data.max_len, grid=vision.grid,
-                            mlm_prob=config.model.mlm_prob, mvm_ratio=config.model.mvm_ratio, seed=config.seed)
-    batches = _batches(train_set, sampler, collator, start, config.steps, config.data.num_workers,
-                       pin_memory=device.type == "cuda")
+    collator = CotsCollator(
+        tokenizer,
+        max_len=config.data.max_len,
+        grid=vision.grid,
+        mlm_prob=config.model.mlm_prob,
+        mvm_ratio=config.model.mvm_ratio,
+        seed=config.seed,
+    )
+    batches = _batches(
+        train_set, sampler, collator, start, config.steps, config.data.num_workers, pin_memory=device.type == "cuda"
+    )
     bf16 = config.precision == "bf16" or (config.precision == "auto" and device.type == "cuda")
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
     params = [p for group in optimizer.param_groups for p in group["params"]]
@@ -418,7 +454,7 @@ def _train(config: TrainConfig, info: distributed.DistInfo, callbacks: list[Call
     meter = _Meter(device, accumulated)
     data_time = 0.0
     t_start = t_last = time.perf_counter()
-    last_checkpoint: Optional[Path] = None
+    last_checkpoint: Path | None = None
     evaluations: list[dict[str, Any]] = []
     step = start
     while step < config.steps:
@@ -484,17 +520,35 @@ def _train(config: TrainConfig, info: distributed.DistInfo, callbacks: list[Call
         progress.close()
     if logger is not None:
         logger.close()
-    return TrainResult(model=model, tokenizer=tokenizer, history=history, step=step,
-                       checkpoint=last_checkpoint, datasets=(train_set, eval_set), evaluations=evaluations)
+    return TrainResult(
+        model=model,
+        tokenizer=tokenizer,
+        history=history,
+        step=step,
+        checkpoint=last_checkpoint,
+        datasets=(train_set, eval_set),
+        evaluations=evaluations,
+    )
 
 
-def _evaluate(model: COTSModel, eval_set: Dataset, tokenizer: TextTokenizer, config: TrainConfig,
-              info: distributed.DistInfo, step: int) -> Optional[dict[str, Any]]:
+def _evaluate(
+    model: COTSModel,
+    eval_set: Dataset,
+    tokenizer: TextTokenizer,
+    config: TrainConfig,
+    info: distributed.DistInfo,
+    step: int,
+) -> dict[str, Any] | None:
     """Retrieval on the held-out set by rank 0 (the others wait); its {"step", "eval"} record."""
     record = None
     if info.is_main:
-        metrics = evaluate(model, eval_set, tokenizer, batch_size=max(64, config.batch_size // info.world_size),
-                           max_len=config.data.max_len)
+        metrics = evaluate(
+            model,
+            eval_set,
+            tokenizer,
+            batch_size=max(64, config.batch_size // info.world_size),
+            max_len=config.data.max_len,
+        )
         record = {"step": step, "eval": metrics}
         if config.progress:
             print(f"\nstep {step}: held-out retrieval\n{format_metrics(metrics)}", file=sys.stderr, flush=True)
@@ -511,7 +565,7 @@ class _Meter:
     """
 
     def __init__(self, device: torch.device, state: dict[str, Any]) -> None:
-        self.names: Optional[list[str]] = state.get("names")
+        self.names: list[str] | None = state.get("names")
         self.sums = torch.tensor(state["sums"], device=device) if state.get("sums") else None
         self.count = int(state.get("steps", 0))
         self._checked = self.names is None
@@ -522,8 +576,9 @@ class _Meter:
             self.names = sorted(terms)
         elif not self._checked:
             if sorted(terms) != self.names:
-                raise ValueError(f"the checkpoint's log interval has terms {self.names} but the model gives "
-                                 f"{sorted(terms)}")
+                raise ValueError(
+                    f"the checkpoint's log interval has terms {self.names} but the model gives {sorted(terms)}"
+                )
             self._checked = True
         values = torch.stack([*(terms[n].float() for n in self.names), grad_norm.float()])
         self.sums = values if self.sums is None else self.sums + values
@@ -563,9 +618,16 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[CO
     return model.to(device).eval(), tokenizer, config
 
 
-def _save(config: TrainConfig, info: distributed.DistInfo, model: COTSModel, optimizer: torch.optim.Optimizer,
-          scheduler: torch.optim.lr_scheduler.LRScheduler, step: int, tokenizer: TextTokenizer,
-          accumulated: dict[str, Any]) -> Optional[Path]:
+def _save(
+    config: TrainConfig,
+    info: distributed.DistInfo,
+    model: COTSModel,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    step: int,
+    tokenizer: TextTokenizer,
+    accumulated: dict[str, Any],
+) -> Path | None:
     """Write the checkpoint of ``step`` (rank 0) and prune old ones; every rank must call.
 
     Under DDP it also compares a checksum of every rank's model state: parameters,
@@ -576,13 +638,21 @@ def _save(config: TrainConfig, info: distributed.DistInfo, model: COTSModel, opt
     rng = distributed.gather_objects(ckpt.rng_state(), info)  # collectives: all ranks call
     checksums = distributed.gather_objects(state_checksum(model), info)
     if info.is_main and any(c != checksums[0] for c in checksums[1:]):
-        warnings.warn(f"step {step}: the model state differs across ranks (rank checksums disagree)",
-                      RuntimeWarning, stacklevel=2)
+        warnings.warn(
+            f"step {step}: the model state differs across ranks (rank checksums disagree)", RuntimeWarning, stacklevel=2
+        )
     path = None
     if info.is_main:
-        state = ckpt.training_state(model=model, optimizer=optimizer, scheduler=scheduler, step=step,
-                                    config=config.to_dict(), tokenizer=tokenizer_state(tokenizer), rng=rng,
-                                    log_accumulator=accumulated)
+        state = ckpt.training_state(
+            model=model,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            step=step,
+            config=config.to_dict(),
+            tokenizer=tokenizer_state(tokenizer),
+            rng=rng,
+            log_accumulator=accumulated,
+        )
         state["rank_checksums"] = checksums
         path = ckpt.save_checkpoint(ckpt.checkpoint_path(config.out_dir, step), state)
         ckpt.prune(config.out_dir, config.keep_checkpoints)
@@ -592,18 +662,34 @@ def _save(config: TrainConfig, info: distributed.DistInfo, model: COTSModel, opt
 
 def state_checksum(model: nn.Module) -> list[float]:
     """Per floating tensor of ``model.state_dict()``: its sum and its L2 norm, in float64."""
-    stats = [torch.stack([t.detach().double().sum(), t.detach().double().norm()])
-             for t in model.state_dict().values() if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    stats = [
+        torch.stack([t.detach().double().sum(), t.detach().double().norm()])
+        for t in model.state_dict().values()
+        if isinstance(t, torch.Tensor) and t.is_floating_point()
+    ]
     return torch.cat(stats).tolist()  # one host sync
 
 
 # Keys that may change between an interrupted run and its resumption: they do not change
 # what is computed ("steps" extends or shortens the schedule from there on).
-_RESUMABLE_CHANGES = {"resume", "progress", "log_every", "checkpoint_every", "keep_checkpoints", "out_dir",
-                      "device", "steps", "data.num_workers", "eval_every", "data.eval_size",
-                      "data.eval_captions_json", "data.eval_image_root",
-                      # weights come from the checkpoint on resume; the files may have moved
-                      "model.vision_weights", "model.text_weights"}
+_RESUMABLE_CHANGES = {
+    "resume",
+    "progress",
+    "log_every",
+    "checkpoint_every",
+    "keep_checkpoints",
+    "out_dir",
+    "device",
+    "steps",
+    "data.num_workers",
+    "eval_every",
+    "data.eval_size",
+    "data.eval_captions_json",
+    "data.eval_image_root",
+    # weights come from the checkpoint on resume; the files may have moved
+    "model.vision_weights",
+    "model.text_weights",
+}
 
 
 def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:

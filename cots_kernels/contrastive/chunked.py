@@ -8,8 +8,8 @@ the CPU default. Half inputs are computed chunk by chunk in float32.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator, Optional
 
 import torch
 
@@ -22,7 +22,7 @@ from .problem import ContrastiveProblem, RowOptions
 CHUNK_ELEMENTS = 1 << 16
 
 
-def why_not(problem: ContrastiveProblem, auto: bool) -> Optional[str]:
+def why_not(problem: ContrastiveProblem, auto: bool) -> str | None:
     """The chunked path runs every input on every device."""
     return None
 

@@ -9,7 +9,7 @@ c3 of ``contrastive-math.md`` (and ``None`` for a term nothing depends on).
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -19,7 +19,7 @@ from . import chunked, reference, triton_impl
 from .problem import REDUCTIONS, ContrastiveProblem, RowOptions, Temperature, validate
 
 
-def _reference_why_not(problem: ContrastiveProblem, auto: bool) -> Optional[str]:
+def _reference_why_not(problem: ContrastiveProblem, auto: bool) -> str | None:
     if auto:
         return "the reference materialises the (B, Bk + Q) logits; it runs only when asked for"
     return None
@@ -50,7 +50,7 @@ class ContrastiveOutput(NamedTuple):
     kl: torch.Tensor
 
 
-def _check_weight(sample_weight: Optional[torch.Tensor], problem: ContrastiveProblem) -> Optional[torch.Tensor]:
+def _check_weight(sample_weight: torch.Tensor | None, problem: ContrastiveProblem) -> torch.Tensor | None:
     if sample_weight is None:
         return None
     if not isinstance(sample_weight, torch.Tensor):
@@ -58,17 +58,13 @@ def _check_weight(sample_weight: Optional[torch.Tensor], problem: ContrastivePro
     if not sample_weight.is_floating_point():
         raise TypeError(f"sample_weight must be a floating tensor, got {sample_weight.dtype}")
     if sample_weight.shape != (problem.batch,):
-        raise ValueError(
-            f"sample_weight must have shape (B,) = ({problem.batch},), got {tuple(sample_weight.shape)}"
-        )
+        raise ValueError(f"sample_weight must have shape (B,) = ({problem.batch},), got {tuple(sample_weight.shape)}")
     if sample_weight.device != problem.device:
-        raise ValueError(
-            f"sample_weight is on {sample_weight.device} but the embeddings are on {problem.device}"
-        )
+        raise ValueError(f"sample_weight is on {sample_weight.device} but the embeddings are on {problem.device}")
     return sample_weight.to(problem.acc_dtype)
 
 
-def _reduce(terms: torch.Tensor, weight: Optional[torch.Tensor], reduction: str) -> torch.Tensor:
+def _reduce(terms: torch.Tensor, weight: torch.Tensor | None, reduction: str) -> torch.Tensor:
     if weight is not None:
         terms = terms * weight
     if reduction == "none":
@@ -88,8 +84,8 @@ def cots_contrastive_loss(
     text_query: torch.Tensor,
     image_keys: torch.Tensor,
     text_keys: torch.Tensor,
-    image_queue: Optional[torch.Tensor] = None,
-    text_queue: Optional[torch.Tensor] = None,
+    image_queue: torch.Tensor | None = None,
+    text_queue: torch.Tensor | None = None,
     temperature: Temperature = 0.07,
     *,
     positive_offset: int = 0,
@@ -97,7 +93,7 @@ def cots_contrastive_loss(
     kl_weight: float = 1.0,
     kl_direction: str = "i2t_t2i",
     distill_alpha: float = 0.0,
-    sample_weight: Optional[torch.Tensor] = None,
+    sample_weight: torch.Tensor | None = None,
     reduction: str = "mean",
     impl: str = "auto",
     check_finite: bool = False,
@@ -229,9 +225,9 @@ class CotsContrastiveLoss(nn.Module):
         text_query: torch.Tensor,
         image_keys: torch.Tensor,
         text_keys: torch.Tensor,
-        image_queue: Optional[torch.Tensor] = None,
-        text_queue: Optional[torch.Tensor] = None,
-        sample_weight: Optional[torch.Tensor] = None,
+        image_queue: torch.Tensor | None = None,
+        text_queue: torch.Tensor | None = None,
+        sample_weight: torch.Tensor | None = None,
     ) -> ContrastiveOutput:
         """Shapes as in :func:`cots_contrastive_loss`."""
         temperature = self.temperature

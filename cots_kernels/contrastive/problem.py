@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional, Union
 
 import torch
 
@@ -17,7 +16,7 @@ KL_DIRECTIONS = ("i2t_t2i", "t2i_i2t", "symmetric")
 REDUCTIONS = ("none", "sum", "mean")
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
-Temperature = Union[float, int, torch.Tensor]
+Temperature = float | int | torch.Tensor
 
 
 @dataclass(frozen=True)
@@ -40,9 +39,7 @@ class RowOptions:
     @property
     def kl_coefficients(self) -> tuple[float, float]:
         """Weights (k_pq, k_qp) of KL(p||q) and KL(q||p) in the reported KL term."""
-        return {"i2t_t2i": (1.0, 0.0), "t2i_i2t": (0.0, 1.0), "symmetric": (0.5, 0.5)}[
-            self.kl_direction
-        ]
+        return {"i2t_t2i": (1.0, 0.0), "t2i_i2t": (0.0, 1.0), "symmetric": (0.5, 0.5)}[self.kl_direction]
 
 
 @dataclass(frozen=True)
@@ -63,8 +60,8 @@ class ContrastiveProblem:
     text_query: torch.Tensor
     image_keys: torch.Tensor
     text_keys: torch.Tensor
-    image_queue: Optional[torch.Tensor]
-    text_queue: Optional[torch.Tensor]
+    image_queue: torch.Tensor | None
+    text_queue: torch.Tensor | None
     scale: torch.Tensor
     options: RowOptions
 
@@ -100,12 +97,12 @@ class ContrastiveProblem:
     def keys_need_grad(self) -> bool:
         return self.image_keys.requires_grad or self.text_keys.requires_grad
 
-    def autograd_inputs(self) -> tuple[Optional[torch.Tensor], ...]:
+    def autograd_inputs(self) -> tuple[torch.Tensor | None, ...]:
         """(scale, image_query, text_query, image_keys, text_keys, image_queue, text_queue):
         the tensor arguments, in order, of every implementation's autograd.Function."""
         return (self.scale, *self.tensors())
 
-    def tensors(self) -> tuple[Optional[torch.Tensor], ...]:
+    def tensors(self) -> tuple[torch.Tensor | None, ...]:
         """Every tensor of the problem, in argument order (None for absent queues)."""
         return (
             self.image_query,
@@ -121,9 +118,7 @@ def _check_tensor(name: str, t: object, ndim: int) -> torch.Tensor:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if t.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(
-            f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}"
-        )
+        raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
     if t.dim() != ndim:
         raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(t.shape)}")
     return t
@@ -136,20 +131,14 @@ def _check_finite(name: str, t: torch.Tensor) -> None:
 
 def _scale_from_temperature(temperature: Temperature, like: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float, torch.Tensor)):
-        raise TypeError(
-            f"temperature must be a float or a 0-dim tensor, got {type(temperature).__name__}"
-        )
+        raise TypeError(f"temperature must be a float or a 0-dim tensor, got {type(temperature).__name__}")
     if isinstance(temperature, torch.Tensor):
         if temperature.numel() != 1 or temperature.dim() > 1:
-            raise ValueError(
-                f"temperature must be a 0-dim (or 1-element) tensor, got shape {tuple(temperature.shape)}"
-            )
+            raise ValueError(f"temperature must be a 0-dim (or 1-element) tensor, got shape {tuple(temperature.shape)}")
         if not temperature.is_floating_point():
             raise TypeError(f"temperature must be a floating tensor, got {temperature.dtype}")
         if temperature.device != like.device:
-            raise ValueError(
-                f"temperature is on {temperature.device} but the embeddings are on {like.device}"
-            )
+            raise ValueError(f"temperature is on {temperature.device} but the embeddings are on {like.device}")
         tau = temperature.reshape(())
         ok = torch.isfinite(tau) & (tau > 0)
         if tau.device.type == "cpu":
@@ -169,8 +158,8 @@ def validate(
     text_query: torch.Tensor,
     image_keys: torch.Tensor,
     text_keys: torch.Tensor,
-    image_queue: Optional[torch.Tensor],
-    text_queue: Optional[torch.Tensor],
+    image_queue: torch.Tensor | None,
+    text_queue: torch.Tensor | None,
     temperature: Temperature,
     options: RowOptions,
     check_finite: bool = False,
@@ -189,9 +178,7 @@ def validate(
     ki = _check_tensor("image_keys", image_keys, 2)
     kt = _check_tensor("text_keys", text_keys, 2)
     if qi.shape != qt.shape:
-        raise ValueError(
-            f"image_query {tuple(qi.shape)} and text_query {tuple(qt.shape)} must have the same shape"
-        )
+        raise ValueError(f"image_query {tuple(qi.shape)} and text_query {tuple(qt.shape)} must have the same shape")
     if qi.dtype != qt.dtype:
         raise TypeError(f"image_query ({qi.dtype}) and text_query ({qt.dtype}) must share a dtype")
     batch, dim = qi.shape
@@ -200,9 +187,7 @@ def validate(
     if dim == 0:
         raise ValueError("embedding dim is 0")
     if ki.shape != kt.shape:
-        raise ValueError(
-            f"image_keys {tuple(ki.shape)} and text_keys {tuple(kt.shape)} must have the same shape"
-        )
+        raise ValueError(f"image_keys {tuple(ki.shape)} and text_keys {tuple(kt.shape)} must have the same shape")
     if ki.shape[1] != dim:
         raise ValueError(f"keys have embedding dim {ki.shape[1]} but queries have {dim}")
     if (image_queue is None) != (text_queue is None):

@@ -8,15 +8,13 @@ benchmarks measure against it. Autograd provides all gradients.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 
 from .problem import ContrastiveProblem
 
 
-def _candidates(keys: torch.Tensor, queue: Optional[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+def _candidates(keys: torch.Tensor, queue: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
     keys = keys.to(dtype)
     return keys if queue is None else torch.cat([keys, queue.to(dtype)])  # (N, D)
 

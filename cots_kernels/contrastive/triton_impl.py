@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import functools
 from dataclasses import dataclass
-from typing import ContextManager, Optional
 
 import torch
 
@@ -79,12 +78,12 @@ class LaunchOverrides:
     ``block_n``.
     """
 
-    split_cols: Optional[int] = None
-    block_m: Optional[int] = None
-    block_n: Optional[int] = None
+    split_cols: int | None = None
+    block_m: int | None = None
+    block_n: int | None = None
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _device_limits(device_index: int) -> tuple[int, int]:
     """(SM count, bytes of shared memory one program may use) of a GPU, as Triton sees it."""
     props = triton.runtime.driver.active.utils.get_device_properties(device_index)
@@ -124,9 +123,7 @@ def _smem_bytes(block_m: int, block_n: int, block_d: int, operands: int, elt: in
     return (operands * block_m + 2 * stages * block_n) * block_d * elt
 
 
-def _gpu_tiles(
-    problem: ContrastiveProblem, backward: bool, smem_limit: int
-) -> Optional[tuple[int, int, int, int, int]]:
+def _gpu_tiles(problem: ContrastiveProblem, backward: bool, smem_limit: int) -> tuple[int, int, int, int, int] | None:
     """(block_m, block_n, block_d, num_warps, num_stages) on a GPU, None if nothing fits.
 
     Register use measured with offline sm_90 compiles (Triton 3.9, ptxas resource usage),
@@ -203,7 +200,7 @@ def launch_config(
     return LaunchConfig(block_m, block_n, block_d, _round_up(cols, block_n), num_warps, num_stages)
 
 
-def why_not(problem: ContrastiveProblem, auto: bool) -> Optional[str]:
+def why_not(problem: ContrastiveProblem, auto: bool) -> str | None:
     """None if the Triton kernels can run ``problem``, else why not."""
     reason = _triton_utils.why_not_triton(*problem.tensors(), auto=auto)
     if reason is not None:
@@ -250,9 +247,7 @@ def _segments(problem: ContrastiveProblem, split_cols: int) -> list[_Segment]:
     segments = [_Segment(problem.text_keys, problem.image_keys, True, not in_batch, key_splits, 0)]
     if problem.queue_size > 0:
         queue_splits = _cdiv(problem.queue_size, split_cols)
-        segments.append(
-            _Segment(problem.text_queue, problem.image_queue, False, False, queue_splits, key_splits)
-        )
+        segments.append(_Segment(problem.text_queue, problem.image_queue, False, False, queue_splits, key_splits))
     return segments
 
 
@@ -271,7 +266,7 @@ class _Queries:
     mt: torch.Tensor
 
     @staticmethod
-    def of(problem: ContrastiveProblem) -> "_Queries":
+    def of(problem: ContrastiveProblem) -> _Queries:
         qi, qt = problem.image_query.contiguous(), problem.text_query.contiguous()
         if problem.options.distill_alpha == 0:
             return _Queries(qi, qt, qi, qt)
@@ -285,7 +280,7 @@ def _segment_args(seg: _Segment) -> tuple:
     return (seg.text, seg.image, *seg.text.stride(), *seg.image.stride())
 
 
-def _on(device: torch.device) -> ContextManager:
+def _on(device: torch.device) -> contextlib.AbstractContextManager:
     """Triton launches on the current CUDA device: make it the tensors' device."""
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import nn
 
@@ -12,7 +10,7 @@ from . import chunked, reference
 from .problem import LinearCEProblem, Options, check_options, reduce_rows, validate
 
 
-def _triton_why_not(problem: LinearCEProblem, auto: bool) -> Optional[str]:
+def _triton_why_not(problem: LinearCEProblem, auto: bool) -> str | None:
     reason = _triton_utils.why_not_triton(problem.hidden, auto=auto)
     if reason is not None:
         return reason
@@ -40,7 +38,7 @@ def linear_cross_entropy(
     hidden: torch.Tensor,
     weight: torch.Tensor,
     targets: torch.Tensor,
-    bias: Optional[torch.Tensor] = None,
+    bias: torch.Tensor | None = None,
     *,
     ignore_index: int = -100,
     label_smoothing: float = 0.0,
@@ -130,7 +128,7 @@ class LinearCrossEntropy(nn.Module):
         )
 
     def forward(
-        self, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, bias: Optional[torch.Tensor] = None
+        self, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, bias: torch.Tensor | None = None
     ) -> torch.Tensor:
         """Shapes as in :func:`linear_cross_entropy`."""
         return linear_cross_entropy(hidden, weight, targets, bias, **self.options)

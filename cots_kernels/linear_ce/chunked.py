@@ -25,8 +25,6 @@ Two autograd Functions, chosen by :func:`chunked_loss`:
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch.autograd.function import once_differentiable
 
@@ -46,7 +44,7 @@ CHUNK_ELEMENTS = 1 << 23
 MIN_CHUNK_ROWS = 256
 
 
-def why_not(problem: LinearCEProblem, auto: bool) -> Optional[str]:
+def why_not(problem: LinearCEProblem, auto: bool) -> str | None:
     """The chunked path runs every input on every device."""
     return None
 
@@ -62,7 +60,7 @@ def default_chunk(rows: int, vocab: int) -> int:
 class _Operands:
     """The weight and bias in the accumulation dtype, and the per-chunk logits."""
 
-    def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor], acc: torch.dtype) -> None:
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, acc: torch.dtype) -> None:
         self.acc = acc
         self.weight = weight.to(acc)  # (V, D); no copy when it already is
         self.bias = None if bias is None else bias.to(acc)
@@ -90,7 +88,9 @@ def _exp_shifted_(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return m[:, 0] + total.log(), total
 
 
-def _to_logit_grads_(p_scaled: torch.Tensor, coef: torch.Tensor, safe_targets: torch.Tensor, eps: float) -> torch.Tensor:
+def _to_logit_grads_(
+    p_scaled: torch.Tensor, coef: torch.Tensor, safe_targets: torch.Tensor, eps: float
+) -> torch.Tensor:
     """Finish dz = coef_i (softmax_ij - (1 - eps) [j = t_i] - eps / V) in place, from
     ``p_scaled`` = coef_i softmax_ij. Rows with coef 0 (ignored rows) stay 0."""
     vocab = p_scaled.shape[1]
@@ -219,7 +219,7 @@ class _Recompute(torch.autograd.Function):
 
 
 def chunked_loss(
-    problem: LinearCEProblem, chunk: Optional[int] = None, grads_in_forward: Optional[bool] = None
+    problem: LinearCEProblem, chunk: int | None = None, grads_in_forward: bool | None = None
 ) -> torch.Tensor:
     """The reduced loss in the accumulation dtype; differentiable w.r.t. hidden, weight, bias.
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 
@@ -53,7 +52,7 @@ class LinearCEProblem:
     hidden: torch.Tensor
     weight: torch.Tensor
     targets: torch.Tensor
-    bias: Optional[torch.Tensor]
+    bias: torch.Tensor | None
     options: Options
 
     @property
@@ -81,7 +80,7 @@ class LinearCEProblem:
         """The dtype of the loss and of every accumulation: float64 for float64 inputs, else float32."""
         return torch.float64 if self.dtype == torch.float64 else torch.float32
 
-    def autograd_inputs(self) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], torch.Tensor]:
+    def autograd_inputs(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
         """(hidden, weight, bias, targets): the tensor arguments, in order, of every
         implementation's autograd.Function."""
         return self.hidden, self.weight, self.bias, self.targets
@@ -115,9 +114,7 @@ def _check_target_range(targets: torch.Tensor, vocab: int, ignore_index: int) ->
                 f"targets must lie in [0, V) = [0, {vocab}) or equal ignore_index={ignore_index}; got {value}"
             )
     else:
-        torch._assert_async(
-            ~bad.any(), f"linear_cross_entropy: targets must lie in [0, {vocab}) or equal ignore_index"
-        )
+        torch._assert_async(~bad.any(), f"linear_cross_entropy: targets must lie in [0, {vocab}) or equal ignore_index")
 
 
 def check_options(options: Options) -> Options:
@@ -143,7 +140,7 @@ def validate(
     hidden: torch.Tensor,
     weight: torch.Tensor,
     targets: torch.Tensor,
-    bias: Optional[torch.Tensor],
+    bias: torch.Tensor | None,
     options: Options,
     check_targets: bool = True,
 ) -> LinearCEProblem:
@@ -167,9 +164,7 @@ def validate(
     if vocab == 0:
         raise ValueError("weight has 0 rows: the vocabulary is empty")
     if w.shape[1] != dim:
-        raise ValueError(
-            f"weight must be (V, D) with D = {dim} (hidden's last dim), got shape {tuple(w.shape)}"
-        )
+        raise ValueError(f"weight must be (V, D) with D = {dim} (hidden's last dim), got shape {tuple(w.shape)}")
     b = None
     if bias is not None:
         b = _check_float("bias", bias, 1)

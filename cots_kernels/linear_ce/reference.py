@@ -8,15 +8,13 @@ benchmarks measure against it. Autograd provides all gradients.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 
 from .problem import LinearCEProblem
 
 
-def why_not(problem: LinearCEProblem, auto: bool) -> Optional[str]:
+def why_not(problem: LinearCEProblem, auto: bool) -> str | None:
     """The reference runs any valid input, but only when asked for by name (the test oracle)."""
     if auto:
         return "the reference materialises the (N, V) logits; it runs only when asked for"

@@ -26,7 +26,6 @@ from __future__ import annotations
 import contextlib
 import functools
 from dataclasses import dataclass
-from typing import ContextManager, Optional
 
 import torch
 from torch.autograd.function import once_differentiable
@@ -99,14 +98,14 @@ class LaunchOverrides:
     rounded up to a multiple of the tile.
     """
 
-    block_n: Optional[int] = None
-    block_v: Optional[int] = None
-    block_d: Optional[int] = None
-    split_cols: Optional[int] = None
-    weight_programs: Optional[int] = None
+    block_n: int | None = None
+    block_v: int | None = None
+    block_d: int | None = None
+    split_cols: int | None = None
+    weight_programs: int | None = None
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
@@ -186,7 +185,7 @@ def launch_config(problem: LinearCEProblem, overrides: LaunchOverrides = LaunchO
     return LaunchConfig(forward, hidden, weight, forward_cols, hidden_cols, programs)
 
 
-def why_not(problem: LinearCEProblem, auto: bool) -> Optional[str]:
+def why_not(problem: LinearCEProblem, auto: bool) -> str | None:
     """None if the Triton kernels can run ``problem``, else why not."""
     reason = _triton_utils.why_not_triton(problem.hidden, auto=auto)
     if reason is not None:
@@ -202,7 +201,7 @@ def _dot_precision() -> str:
     return "ieee" if _triton_utils.UPCAST_DOT_OPERANDS else _FP32_DOT_PRECISION
 
 
-def _on(device: torch.device) -> ContextManager:
+def _on(device: torch.device) -> contextlib.AbstractContextManager:
     """Triton launches on the current CUDA device: make it the tensors' device."""
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
@@ -218,7 +217,7 @@ class _Operands:
     has_bias: bool
 
     @staticmethod
-    def of(problem: LinearCEProblem) -> "_Operands":
+    def of(problem: LinearCEProblem) -> _Operands:
         bias = problem.bias
         return _Operands(
             problem.hidden,
@@ -294,7 +293,7 @@ def _backward_hidden(
 def _backward_weight(
     problem: LinearCEProblem, ops: _Operands, lse: torch.Tensor, coef: torch.Tensor, coef_max: torch.Tensor,
     cfg: LaunchConfig, weight_grad: bool, bias_grad: bool,
-) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:  # fmt: skip
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:  # fmt: skip
     """(d weight (V, D) contiguous, d bias (V,)), each None where not asked for."""
     t = cfg.weight
     device = problem.device

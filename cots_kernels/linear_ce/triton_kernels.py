@@ -160,7 +160,9 @@ def _bwd_hidden_kernel(
         for d0 in range(0, D, BLOCK_D):
             dims = d0 + tl.arange(0, BLOCK_D)
             dim_ok = dims < D
-            w = tl.load(w_ptr + w_cols + dims.to(tl.int64)[None, :] * stride_wd, mask=col_ok & dim_ok[None, :], other=0.0)
+            w = tl.load(
+                w_ptr + w_cols + dims.to(tl.int64)[None, :] * stride_wd, mask=col_ok & dim_ok[None, :], other=0.0
+            )
             if UPCAST:
                 w = w.to(tl.float32)
             # Native half-precision tensor-core product on a GPU (dz rounded to the

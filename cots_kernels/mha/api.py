@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 from .. import _dispatch
@@ -12,7 +10,7 @@ from . import reference, sdpa
 from .problem import AttentionProblem, validate
 
 
-def _triton_why_not(problem: AttentionProblem, auto: bool) -> Optional[str]:
+def _triton_why_not(problem: AttentionProblem, auto: bool) -> str | None:
     reason = why_not_triton(problem.q, auto=auto)
     if reason is not None:
         return reason
@@ -39,10 +37,10 @@ def attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    key_padding_mask: Optional[torch.Tensor] = None,
+    key_padding_mask: torch.Tensor | None = None,
     *,
     causal: bool = False,
-    scale: Optional[float] = None,
+    scale: float | None = None,
     dropout_p: float = 0.0,
     impl: str = "auto",
 ) -> torch.Tensor:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 
@@ -34,7 +33,7 @@ class AttentionProblem:
     q: torch.Tensor
     k: torch.Tensor
     v: torch.Tensor
-    key_padding_mask: Optional[torch.Tensor]
+    key_padding_mask: torch.Tensor | None
     causal: bool
     scale: float
     dropout_p: float
@@ -72,7 +71,7 @@ class AttentionProblem:
         return self.q.device
 
 
-def allowed_keys(problem: AttentionProblem) -> Optional[torch.Tensor]:
+def allowed_keys(problem: AttentionProblem) -> torch.Tensor | None:
     """Which keys each query may see, as a bool tensor broadcastable to (B, H, Lq, Lk).
 
     (B, 1, 1, Lk) for a padding mask alone, (1, 1, Lq, Lk) for causal alone, (B, 1, Lq,
@@ -100,7 +99,7 @@ def _check_qkv(name: str, t: object) -> torch.Tensor:
     return t
 
 
-def _check_mask(mask: object, batch: int, seq_k: int, device: torch.device) -> Optional[torch.Tensor]:
+def _check_mask(mask: object, batch: int, seq_k: int, device: torch.device) -> torch.Tensor | None:
     if mask is None:
         return None
     if not isinstance(mask, torch.Tensor):
@@ -108,9 +107,7 @@ def _check_mask(mask: object, batch: int, seq_k: int, device: torch.device) -> O
     if mask.dtype != torch.bool:
         raise TypeError(f"key_padding_mask must be a bool tensor (True = real token), got {mask.dtype}")
     if mask.shape != (batch, seq_k):
-        raise ValueError(
-            f"key_padding_mask must have shape (B, Lk) = ({batch}, {seq_k}), got {tuple(mask.shape)}"
-        )
+        raise ValueError(f"key_padding_mask must have shape (B, Lk) = ({batch}, {seq_k}), got {tuple(mask.shape)}")
     if mask.device != device:
         raise ValueError(f"key_padding_mask is on {mask.device} but q is on {device}")
     return mask
@@ -138,9 +135,9 @@ def validate(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    key_padding_mask: Optional[torch.Tensor],
+    key_padding_mask: torch.Tensor | None,
     causal: bool,
-    scale: Optional[float],
+    scale: float | None,
     dropout_p: float,
 ) -> AttentionProblem:
     """Check every input and build the :class:`AttentionProblem`.
@@ -157,9 +154,7 @@ def validate(
     if not (q.device == k.device == v.device):
         raise ValueError(f"q, k and v must be on one device, got {q.device}, {k.device}, {v.device}")
     if k.shape[:2] != q.shape[:2] or v.shape[:2] != q.shape[:2]:
-        raise ValueError(
-            f"q, k and v must share (B, H): q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
-        )
+        raise ValueError(f"q, k and v must share (B, H): q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
     if v.shape[2] != k.shape[2]:
         raise ValueError(f"k and v must have the same length Lk: k {tuple(k.shape)}, v {tuple(v.shape)}")
     if k.shape[3] != q.shape[3]:
@@ -167,6 +162,4 @@ def validate(
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
     mask = _check_mask(key_padding_mask, q.shape[0], k.shape[2], q.device)
-    return AttentionProblem(
-        q, k, v, mask, causal, _check_scale(scale, q.shape[3]), _check_dropout(dropout_p)
-    )
+    return AttentionProblem(q, k, v, mask, causal, _check_scale(scale, q.shape[3]), _check_dropout(dropout_p))

@@ -7,15 +7,13 @@ ground truth) and benchmarks measure against it. Autograd provides all gradients
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 
 from .problem import AttentionProblem, allowed_keys
 
 
-def why_not(problem: AttentionProblem, auto: bool) -> Optional[str]:
+def why_not(problem: AttentionProblem, auto: bool) -> str | None:
     """The reference runs any valid input, but only when asked for by name (the test oracle)."""
     if auto:
         return "the reference materialises the (B, H, Lq, Lk) probabilities; it runs only when asked for"

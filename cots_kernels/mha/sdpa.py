@@ -11,20 +11,18 @@ pass over the output) rather than synchronising with the host.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 
 from .problem import AttentionProblem, allowed_keys
 
 
-def why_not(problem: AttentionProblem, auto: bool) -> Optional[str]:
+def why_not(problem: AttentionProblem, auto: bool) -> str | None:
     """SDPA runs every input this package accepts, on every device."""
     return None
 
 
-def _mask_and_empty_rows(problem: AttentionProblem) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+def _mask_and_empty_rows(problem: AttentionProblem) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """SDPA's ``attn_mask`` and the rows to zero afterwards (or None for either)."""
     if problem.key_padding_mask is None:  # causal alone: every query sees key 0, so no row is empty
         return None, None

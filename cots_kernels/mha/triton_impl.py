@@ -28,7 +28,6 @@ from __future__ import annotations
 import contextlib
 import functools
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 import triton
@@ -122,12 +121,12 @@ def launch_config(head_dim: int, seq_q: int, seq_k: int, dtype: torch.dtype, cau
     )
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _capability(device: torch.device) -> tuple[int, int]:
     return torch.cuda.get_device_capability(device)
 
 
-def why_not(problem: AttentionProblem) -> Optional[str]:
+def why_not(problem: AttentionProblem) -> str | None:
     """Why the Triton kernels cannot run this problem (device checks are the caller's)."""
     if problem.dtype not in TRITON_DTYPES:
         return f"dtype {problem.dtype} is not supported (float16, bfloat16, float32)"
@@ -427,7 +426,7 @@ class _Spec:
     config: LaunchConfig
 
 
-def _common_meta(q: torch.Tensor, mask: Optional[torch.Tensor], spec: _Spec, tile: TileConfig) -> dict:
+def _common_meta(q: torch.Tensor, mask: torch.Tensor | None, spec: _Spec, tile: TileConfig) -> dict:
     dim = q.shape[-1]
     return dict(
         HEAD_DIM=dim,
@@ -444,7 +443,7 @@ def _common_meta(q: torch.Tensor, mask: Optional[torch.Tensor], spec: _Spec, til
     )
 
 
-def _mask_args(mask: Optional[torch.Tensor], q: torch.Tensor) -> tuple[torch.Tensor, int]:
+def _mask_args(mask: torch.Tensor | None, q: torch.Tensor) -> tuple[torch.Tensor, int]:
     """The mask as bytes and its batch stride; without a mask, any pointer (never read)."""
     if mask is None:
         return q, 0
@@ -526,7 +525,7 @@ class _TritonAttention(torch.autograd.Function):
         return dq, dk, dv, None, None
 
 
-def triton_attention(problem: AttentionProblem, config: Optional[LaunchConfig] = None) -> torch.Tensor:
+def triton_attention(problem: AttentionProblem, config: LaunchConfig | None = None) -> torch.Tensor:
     """(B, H, Lq, d) attention output from the Triton kernels, differentiable in q, k, v.
 
     ``config`` overrides :func:`launch_config` (tests use it to force several tiles).

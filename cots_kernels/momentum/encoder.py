@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import copy
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -78,9 +79,9 @@ class MomentumEncoder(nn.Module):
         schedule: str = "constant",
         flat: bool = True,
         *,
-        total_steps: Optional[int] = None,
+        total_steps: int | None = None,
         final_momentum: float = 1.0,
-        dtype: Optional[torch.dtype] = None,
+        dtype: torch.dtype | None = None,
         mode: str = "eval",
         impl: str = "auto",
     ) -> None:
@@ -158,7 +159,7 @@ class MomentumEncoder(nn.Module):
                 return False
         return True
 
-    def train(self, mode: bool = True) -> "MomentumEncoder":
+    def train(self, mode: bool = True) -> MomentumEncoder:
         super().train(mode)
         if self.mode == "eval":
             self.module.eval()
@@ -173,10 +174,7 @@ class MomentumEncoder(nn.Module):
     def extra_repr(self) -> str:
         s = self.schedule
         ramp = f", final={s.final}, total_steps={s.total_steps}" if s.kind == "cosine" else ""
-        return (
-            f"momentum={s.base}, schedule={s.kind!r}{ramp}, flat={self.flat}, "
-            f"mode={self.mode!r}, step={self.step}"
-        )
+        return f"momentum={s.base}, schedule={s.kind!r}{ramp}, flat={self.flat}, mode={self.mode!r}, step={self.step}"
 
     def _parameter_pairs(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         return list(self.module.parameters()), list(self.online.parameters())
@@ -200,7 +198,7 @@ class MomentumEncoder(nn.Module):
                 p.data = view
             self._flat_buffers[(device, dtype)] = flat
 
-    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> "MomentumEncoder":
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> MomentumEncoder:
         # .to() / .half() / .cuda() give every parameter its own storage: re-flatten.
         super()._apply(fn, recurse)
         if self.flat:
@@ -208,7 +206,7 @@ class MomentumEncoder(nn.Module):
         return self
 
     @staticmethod
-    def _after_load(module: "MomentumEncoder", incompatible_keys: Any) -> None:
+    def _after_load(module: MomentumEncoder, incompatible_keys: Any) -> None:
         # load_state_dict copies in place (views kept); assign=True replaces parameters.
         if module.flat and not module.is_flat():
             module._flatten()

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable, Optional, Union
 
 import torch
 
@@ -18,7 +18,7 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # float16 and bfloat16 share a width, but neither holds the other's values.
 _WIDTH = {torch.float16: 1, torch.bfloat16: 1, torch.float32: 2, torch.float64: 3}
 
-Tensors = Union[torch.Tensor, Iterable[torch.Tensor]]
+Tensors = torch.Tensor | Iterable[torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -36,7 +36,7 @@ class EmaProblem:
     momentum: float
 
     @property
-    def device(self) -> Optional[torch.device]:
+    def device(self) -> torch.device | None:
         """Device of the first momentum tensor (None for empty lists)."""
         return self.momentum_params[0].device if self.momentum_params else None
 
@@ -58,9 +58,7 @@ def as_tensor_list(value: Tensors, name: str) -> list[torch.Tensor]:
     try:
         items = list(value)
     except TypeError:
-        raise TypeError(
-            f"{name} must be a tensor or an iterable of tensors, got {type(value).__name__}"
-        ) from None
+        raise TypeError(f"{name} must be a tensor or an iterable of tensors, got {type(value).__name__}") from None
     for i, item in enumerate(items):
         if not isinstance(item, torch.Tensor):
             raise TypeError(f"{name}[{i}] must be a torch.Tensor, got {type(item).__name__}")
@@ -82,9 +80,7 @@ def make_problem(momentum_params: Tensors, online_params: Tensors, momentum: obj
     ms = as_tensor_list(momentum_params, "momentum_params")
     ps = as_tensor_list(online_params, "online_params")
     if len(ms) != len(ps):
-        raise ValueError(
-            f"momentum_params and online_params must have the same length, got {len(ms)} and {len(ps)}"
-        )
+        raise ValueError(f"momentum_params and online_params must have the same length, got {len(ms)} and {len(ps)}")
     return EmaProblem(ms, ps, check_momentum(momentum))
 
 
@@ -92,9 +88,7 @@ def _check_dtype(t: torch.Tensor, name: str) -> None:
     if t.layout != torch.strided:
         raise TypeError(f"{name} must be a strided (dense) tensor, got layout {t.layout}")
     if t.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(
-            f"{name} must be a floating tensor (float16, bfloat16, float32 or float64), got {t.dtype}"
-        )
+        raise TypeError(f"{name} must be a floating tensor (float16, bfloat16, float32 or float64), got {t.dtype}")
 
 
 def group_pairs(problem: EmaProblem) -> list[PairGroup]:
@@ -118,8 +112,7 @@ def group_pairs(problem: EmaProblem) -> list[PairGroup]:
             raise ValueError(f"online_params[{i}] is on {p.device} but momentum_params[0] is on {device}")
         if m.shape != p.shape:
             raise ValueError(
-                f"momentum_params[{i}] has shape {tuple(m.shape)} "
-                f"but online_params[{i}] has shape {tuple(p.shape)}"
+                f"momentum_params[{i}] has shape {tuple(m.shape)} but online_params[{i}] has shape {tuple(p.shape)}"
             )
         if m.dtype != p.dtype and _WIDTH[m.dtype] <= _WIDTH[p.dtype]:
             raise TypeError(

@@ -8,7 +8,7 @@ fallback used when the compiled extension is not built (timm and
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
 
 from .problem import check_momentum
 
@@ -29,7 +28,7 @@ class MomentumSchedule:
     kind: str = "constant"
     base: float = 0.995
     final: float = 1.0
-    total_steps: Optional[int] = None
+    total_steps: int | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in SCHEDULES:

@@ -108,9 +108,7 @@ def _chunk_table(
     return table.to(momentum[0].device), num_chunks
 
 
-def _launch(
-    momentum: list[torch.Tensor], online: list[torch.Tensor], coefficient: float, aligned: bool
-) -> None:
+def _launch(momentum: list[torch.Tensor], online: list[torch.Tensor], coefficient: float, aligned: bool) -> None:
     table, num_chunks = _chunk_table(momentum, online, coefficient)
     m_dtype, p_dtype = momentum[0].dtype, online[0].dtype
     acc = tl.float64 if m_dtype == torch.float64 else tl.float32

@@ -16,7 +16,6 @@ both at the ViT-B/16 + BERT-base shapes, and the faster one is to be first.
 from __future__ import annotations
 
 import warnings
-from typing import Optional
 
 import torch
 
@@ -26,7 +25,7 @@ from .reference import foreach_momentum_update_
 from .triton_ema import triton_momentum_update_
 
 
-def _compiled_why_not(problem: EmaProblem, device_type: str, entry: str) -> Optional[str]:
+def _compiled_why_not(problem: EmaProblem, device_type: str, entry: str) -> str | None:
     if problem.device.type != device_type:
         return f"runs on {device_type} tensors only"
     module = _extension.load()
@@ -39,19 +38,19 @@ def _compiled_why_not(problem: EmaProblem, device_type: str, entry: str) -> Opti
     return None
 
 
-def _cuda_why_not(problem: EmaProblem, auto: bool) -> Optional[str]:
+def _cuda_why_not(problem: EmaProblem, auto: bool) -> str | None:
     return _compiled_why_not(problem, "cuda", "momentum_update_cuda")
 
 
-def _cpu_why_not(problem: EmaProblem, auto: bool) -> Optional[str]:
+def _cpu_why_not(problem: EmaProblem, auto: bool) -> str | None:
     return _compiled_why_not(problem, "cpu", "momentum_update_cpu")
 
 
-def _triton_why_not(problem: EmaProblem, auto: bool) -> Optional[str]:
+def _triton_why_not(problem: EmaProblem, auto: bool) -> str | None:
     return _triton_utils.why_not_triton(problem.momentum_params[0], auto=auto)
 
 
-def _foreach_why_not(problem: EmaProblem, auto: bool) -> Optional[str]:
+def _foreach_why_not(problem: EmaProblem, auto: bool) -> str | None:
     return None
 
 

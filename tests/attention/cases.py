@@ -7,7 +7,7 @@ the gradients of q, k and v with :func:`tests.helpers.assert_close_to_truth`.
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import torch
 
@@ -31,7 +31,7 @@ MASK_KINDS = ("none", "right", "left", "holes", "empty")
 Fn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def make_mask(kind: str, batch: int, seq_k: int, *, seed: int = 0, device="cpu") -> Optional[torch.Tensor]:
+def make_mask(kind: str, batch: int, seq_k: int, *, seed: int = 0, device="cpu") -> torch.Tensor | None:
     """A (B, Lk) key mask, True = real.
 
     none: no mask. right: right padding with random lengths in [1, Lk], the first row
@@ -88,7 +88,7 @@ def run(fn: Fn, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grad: torch.T
     return {"out": out.detach(), "dq": dq, "dk": dk, "dv": dv}
 
 
-def reference_fn(mask: Optional[torch.Tensor], causal: bool = False, scale: Optional[float] = None) -> Fn:
+def reference_fn(mask: torch.Tensor | None, causal: bool = False, scale: float | None = None) -> Fn:
     def fn(q, k, v):
         return attention(q, k, v, mask, causal=causal, scale=scale, impl="reference")
 
@@ -99,9 +99,9 @@ def check(
     fn: Fn,
     qkv_grad: tuple[torch.Tensor, ...],
     dtype: torch.dtype,
-    mask: Optional[torch.Tensor],
+    mask: torch.Tensor | None,
     causal: bool = False,
-    scale: Optional[float] = None,
+    scale: float | None = None,
     name: str = "",
 ) -> dict[str, torch.Tensor]:
     """Compare ``fn`` with the reference in ``dtype`` and in float64; return fn's results."""
@@ -113,13 +113,11 @@ def check(
     truth = run(ref, *(t.double() for t in rounded))
     for key in truth:
         assert actual[key].dtype == dtype, f"{name}:{key}: dtype {actual[key].dtype}"
-        assert_close_to_truth(
-            actual[key], truth[key], baseline[key], factor=factor, atol=atol, name=f"{name}:{key}"
-        )
+        assert_close_to_truth(actual[key], truth[key], baseline[key], factor=factor, atol=atol, name=f"{name}:{key}")
     return actual
 
 
-def empty_rows(mask: Optional[torch.Tensor], causal: bool, seq_q: int) -> Optional[torch.Tensor]:
+def empty_rows(mask: torch.Tensor | None, causal: bool, seq_q: int) -> torch.Tensor | None:
     """(B, Lq) bool: query rows that see no key, or None when there are none."""
     if mask is None:
         return None

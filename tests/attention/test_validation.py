@@ -5,8 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cots_kernels import UnsupportedInputError
-from cots_kernels import attention
+from cots_kernels import UnsupportedInputError, attention
 
 
 def _qkv(b=2, h=2, lq=5, lk=6, d=8, dtype=torch.float32):

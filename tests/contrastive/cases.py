@@ -8,7 +8,7 @@ every output and every gradient with :func:`tests.helpers.assert_close_to_truth`
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -37,10 +37,10 @@ class Inputs:
     text_query: torch.Tensor
     image_keys: torch.Tensor
     text_keys: torch.Tensor
-    image_queue: Optional[torch.Tensor]
-    text_queue: Optional[torch.Tensor]
+    image_queue: torch.Tensor | None
+    text_queue: torch.Tensor | None
     temperature: torch.Tensor
-    sample_weight: Optional[torch.Tensor]
+    sample_weight: torch.Tensor | None
 
     @property
     def grad_names(self) -> list[str]:
@@ -49,10 +49,10 @@ class Inputs:
     def named_tensors(self) -> list[tuple[str, torch.Tensor]]:
         return [(n, t) for n, t in vars(self).items() if isinstance(t, torch.Tensor)]
 
-    def cast(self, dtype: torch.dtype, queue_dtype: Optional[torch.dtype] = None) -> "Inputs":
+    def cast(self, dtype: torch.dtype, queue_dtype: torch.dtype | None = None) -> Inputs:
         """Fresh leaves in ``dtype`` (queues in ``queue_dtype``; temperature and weights kept)."""
 
-        def conv(name: str, t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        def conv(name: str, t: torch.Tensor | None) -> torch.Tensor | None:
             if t is None:
                 return None
             if name in ("temperature", "sample_weight"):
@@ -66,11 +66,11 @@ class Inputs:
 def make_inputs(
     batch: int,
     num_keys: int,
-    queue: Optional[int],
+    queue: int | None,
     dim: int,
     *,
     dtype: torch.dtype = torch.float32,
-    queue_dtype: Optional[torch.dtype] = None,
+    queue_dtype: torch.dtype | None = None,
     device: str | torch.device = "cpu",
     keys_grad: bool = False,
     temperature_grad: bool = True,
@@ -113,7 +113,7 @@ def make_inputs(
     return base
 
 
-def run_loss(inputs: Inputs, impl: str, **options: Any) -> dict[str, Optional[torch.Tensor]]:
+def run_loss(inputs: Inputs, impl: str, **options: Any) -> dict[str, torch.Tensor | None]:
     """Outputs (loss, i2t, t2i, kl) and the gradient of a mix of all four for every leaf."""
     out = cots_contrastive_loss(
         inputs.image_query,
@@ -127,7 +127,7 @@ def run_loss(inputs: Inputs, impl: str, **options: Any) -> dict[str, Optional[to
         impl=impl,
         **options,
     )
-    results: dict[str, Optional[torch.Tensor]] = dict(out._asdict())
+    results: dict[str, torch.Tensor | None] = dict(out._asdict())
     # Distinct weights per output so that a wrong combination of c1, c2, c3 shows.
     mix = sum((w * t).sum() for w, t in zip((1.0, 0.7, -0.3, 1.3), out))
     names = inputs.grad_names
@@ -157,7 +157,7 @@ def check_impl(
         )
 
 
-def _fresh(inputs: Inputs, dtype: Optional[torch.dtype] = None) -> Inputs:
+def _fresh(inputs: Inputs, dtype: torch.dtype | None = None) -> Inputs:
     """New leaves with the same values, optionally all (queues included) in ``dtype``."""
     if dtype is None:
         queue_dtype = None if inputs.image_queue is None else inputs.image_queue.dtype

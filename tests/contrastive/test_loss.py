@@ -13,9 +13,9 @@ from cots_kernels import (
     ContrastiveOutput,
     CotsContrastiveLoss,
     UnsupportedInputError,
+    _dispatch,
     cots_contrastive_loss,
 )
-from cots_kernels import _dispatch
 from cots_kernels.contrastive import IMPLEMENTATIONS, chunked
 from cots_kernels.contrastive.problem import RowOptions, validate
 
@@ -84,7 +84,9 @@ def test_queue_in_another_dtype_is_used_without_a_full_copy():
         # only agree when what the targets depend on (keys, temperature) is constant.
         dict(keys_grad=False, temperature_grad=False, positive_offset=1, kl_direction="symmetric", distill_alpha=0.3),
         dict(keys_grad=True, temperature_grad=True, positive_offset=2, kl_direction="i2t_t2i"),
-        dict(keys_grad=True, temperature_grad=True, positive_offset=0, kl_direction="t2i_i2t", in_batch_negatives=False),
+        dict(
+            keys_grad=True, temperature_grad=True, positive_offset=0, kl_direction="t2i_i2t", in_batch_negatives=False
+        ),
     ],
     ids=["distill", "keys", "no-batch-negatives"],
 )
@@ -166,7 +168,9 @@ def test_equals_moco():
             in_batch_negatives=False, kl_weight=0.0, impl=impl,
         )  # fmt: skip
         torch.testing.assert_close(out.i2t, moco)
-        torch.testing.assert_close(torch.autograd.grad(out.i2t, q)[0], torch.autograd.grad(moco, q, retain_graph=True)[0])
+        torch.testing.assert_close(
+            torch.autograd.grad(out.i2t, q)[0], torch.autograd.grad(moco, q, retain_graph=True)[0]
+        )
 
 
 # ---- semantics of the options ----
@@ -274,7 +278,11 @@ def _good():
         (dict(text_keys=torch.randn(5, 8)), ValueError, "image_keys .* text_keys"),
         (dict(image_keys=torch.randn(6, 9), text_keys=torch.randn(6, 9)), ValueError, "embedding dim"),
         (dict(text_queue=torch.randn(9, 8)), ValueError, "same length"),
-        (dict(image_queue=torch.randn(10, 5), text_queue=torch.randn(10, 5)), ValueError, "image_queue has embedding dim"),
+        (
+            dict(image_queue=torch.randn(10, 5), text_queue=torch.randn(10, 5)),
+            ValueError,
+            "image_queue has embedding dim",
+        ),
         (dict(text_queue=None), ValueError, "both be given"),
         (dict(image_query=torch.randn(0, 8), text_query=torch.randn(0, 8)), ValueError, "empty batch"),
         (dict(image_query=torch.ones(4, 8, dtype=torch.int64)), TypeError, "image_query must be float"),

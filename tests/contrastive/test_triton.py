@@ -9,13 +9,11 @@ The realistic shapes (B = 64, Q = 65,536, D = 256) run only on a GPU.
 from __future__ import annotations
 
 import itertools
-from typing import Optional
 
 import pytest
 import torch
 
-from cots_kernels import CotsContrastiveLoss, UnsupportedInputError, _dispatch, _triton_utils
-from cots_kernels import cots_contrastive_loss
+from cots_kernels import CotsContrastiveLoss, UnsupportedInputError, _dispatch, _triton_utils, cots_contrastive_loss
 from cots_kernels.contrastive import IMPLEMENTATIONS, chunked, reference, triton_impl
 from cots_kernels.contrastive.problem import RowOptions, validate
 
@@ -27,7 +25,7 @@ pytestmark = requires_triton
 DEVICE = triton_device()
 
 
-def inputs(batch: int, num_keys: int, queue: Optional[int], dim: int, **kwargs) -> Inputs:
+def inputs(batch: int, num_keys: int, queue: int | None, dim: int, **kwargs) -> Inputs:
     return make_inputs(batch, num_keys, queue, dim, device=DEVICE, **kwargs)
 
 

@@ -21,18 +21,31 @@ from cots.tokenizers import WordTokenizer
 from ..helpers import optional_module
 
 _SIZE = {"small": "small", "little": "small", "large": "large", "big": "large"}
-_REL = {"left of": "left of", "to the left of": "left of", "on the left of": "left of",
-        "right of": "right of", "to the right of": "right of", "on the right of": "right of",
-        "above": "above", "over": "above", "below": "below", "under": "below",
-        "beneath": "below"}
+_REL = {
+    "left of": "left of",
+    "to the left of": "left of",
+    "on the left of": "left of",
+    "right of": "right of",
+    "to the right of": "right of",
+    "on the right of": "right of",
+    "above": "above",
+    "over": "above",
+    "below": "below",
+    "under": "below",
+    "beneath": "below",
+}
 _NP = r"a (?:(small|little|large|big) )?(\w+) (circle|square|triangle)"
 _PAIR = re.compile(rf"^(?:there is )?{_NP} (?:is |sits )?(.+?) {_NP}$")
 
 
 def _holds(relation, a, b):
     dx, dy = a.x - b.x, a.y - b.y
-    return {"left of": dx < 0 and abs(dx) > abs(dy), "right of": dx > 0 and abs(dx) > abs(dy),
-            "above": dy < 0 and abs(dy) > abs(dx), "below": dy > 0 and abs(dy) > abs(dx)}[relation]
+    return {
+        "left of": dx < 0 and abs(dx) > abs(dy),
+        "right of": dx > 0 and abs(dx) > abs(dy),
+        "above": dy < 0 and abs(dy) > abs(dx),
+        "below": dy > 0 and abs(dy) > abs(dx),
+    }[relation]
 
 
 def _find(scene, color, shape, size_word):
@@ -48,8 +61,11 @@ def test_items_are_deterministic_and_splits_differ():
     assert torch.equal(a["image"], b["image"]) and a["captions"] == b["captions"]
     assert a["image"].shape == (3, 32, 32) and a["image"].dtype == torch.float32
     assert a["index"] == 4 and len(a["captions"]) == 2
-    for other in (ShapesDataset(6, seed=4)[4], ShapesDataset(6, seed=3, split="val")[4],
-                  ShapesDataset(6, seed=3, split="test")[4]):
+    for other in (
+        ShapesDataset(6, seed=4)[4],
+        ShapesDataset(6, seed=3, split="val")[4],
+        ShapesDataset(6, seed=3, split="test")[4],
+    ):
         assert not torch.equal(a["image"], other["image"])
     # The scene does not depend on how many captions are drawn.
     five = ShapesDataset(6, seed=3, captions_per_image=5)
@@ -98,8 +114,12 @@ def test_normalisation_and_raw_images():
 
 def test_video_motion_matches_caption():
     ds = MovingShapesDataset(12, frames=4, captions_per_image=3, seed=5)
-    words = {"up": ("up", "upwards", "top"), "down": ("down", "downwards", "bottom"),
-             "left": ("left",), "right": ("right",)}
+    words = {
+        "up": ("up", "upwards", "top"),
+        "down": ("down", "downwards", "bottom"),
+        "left": ("left",),
+        "right": ("right",),
+    }
     for i in range(len(ds)):
         item = ds[i]
         motion = ds.attributes(i)
@@ -126,8 +146,14 @@ def test_caption_json_dataset(tmp_path):
     (tmp_path / "sub").mkdir()
     _write_png(tmp_path / "sub" / "b.png", (20, 50), (0, 0, 255))
     ann = tmp_path / "ann.json"
-    ann.write_text(json.dumps([{"image": "a.png", "caption": "a red image", "image_id": 3},
-                               {"image": "sub/b.png", "caption": ["blue", "all blue"]}]))
+    ann.write_text(
+        json.dumps(
+            [
+                {"image": "a.png", "caption": "a red image", "image_id": 3},
+                {"image": "sub/b.png", "caption": ["blue", "all blue"]},
+            ]
+        )
+    )
     ds = CaptionJsonDataset(ann, tmp_path, image_size=16, mean=(0, 0, 0), std=(1, 1, 1))
     assert len(ds) == 2
     first, second = ds[0], ds[1]
@@ -139,15 +165,17 @@ def test_caption_json_dataset(tmp_path):
     assert clip.shape == (3, 8, 8) and clip[0].mean() > 1.5  # CLIP-normalised red
 
 
-@pytest.mark.parametrize("content, match", [
-    ('{"image": "a.png"}', "JSON list"),
-    ('[{"caption": "x"}]', "entry 0: missing field 'image'"),
-    ('[{"image": "a.png", "caption": "ok"}, {"image": "a.png", "caption": 3}]',
-     "entry 1: field 'caption'"),
-    ('[{"image": "a.png", "caption": []}]', "entry 0: field 'caption'"),
-    ('[{"image": 7, "caption": "x"}]', "entry 0: field 'image'"),
-    ('[{"image": "a.png", ', "not valid JSON"),
-])
+@pytest.mark.parametrize(
+    "content, match",
+    [
+        ('{"image": "a.png"}', "JSON list"),
+        ('[{"caption": "x"}]', "entry 0: missing field 'image'"),
+        ('[{"image": "a.png", "caption": "ok"}, {"image": "a.png", "caption": 3}]', "entry 1: field 'caption'"),
+        ('[{"image": "a.png", "caption": []}]', "entry 0: field 'caption'"),
+        ('[{"image": 7, "caption": "x"}]', "entry 0: field 'image'"),
+        ('[{"image": "a.png", ', "not valid JSON"),
+    ],
+)
 def test_caption_json_errors(tmp_path, content, match):
     ann = tmp_path / "ann.json"
     ann.write_text(content)
@@ -198,8 +226,7 @@ def test_collator_split_batches_match_whole_batch():
     length = whole["input_ids"].shape[1]
     for key in ("input_ids", "mlm_input_ids", "mlm_labels", "attention_mask"):
         pad = {"mlm_labels": -100, "attention_mask": False}.get(key, 0)
-        parts = [torch.nn.functional.pad(h[key], (0, length - h[key].shape[1]), value=pad)
-                 for h in halves]
+        parts = [torch.nn.functional.pad(h[key], (0, length - h[key].shape[1]), value=pad) for h in halves]
         assert torch.equal(torch.cat(parts), whole[key]), key
     for key in ("images", "patch_mask", "index"):
         assert torch.equal(torch.cat([h[key] for h in halves]), whole[key]), key

@@ -29,16 +29,44 @@ def _free_port() -> int:
 def _run(args: list[str], out_dir: Path) -> subprocess.Popen:
     # One thread per process: two ranks plus the single-process run share two cores.
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    flags = TINY + ["--steps", str(STEPS), "--batch_size", "8", "--data.train_size", "64", "--log_every", "1",
-                    "--optim.lr", "1e-3", "--optim.warmup_steps", "1", "--out_dir", str(out_dir)]
-    return subprocess.Popen([sys.executable, *args, *flags], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    flags = TINY + [
+        "--steps",
+        str(STEPS),
+        "--batch_size",
+        "8",
+        "--data.train_size",
+        "64",
+        "--log_every",
+        "1",
+        "--optim.lr",
+        "1e-3",
+        "--optim.warmup_steps",
+        "1",
+        "--out_dir",
+        str(out_dir),
+    ]
+    return subprocess.Popen(
+        [sys.executable, *args, *flags], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
 
 
 @pytest.mark.slow
 def test_two_gloo_ranks_stay_in_sync_and_match_one_process(tmp_path):
-    ddp = _run(["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-                "--master_port", str(_free_port()), "-m", "cots.train"], tmp_path / "ddp")
+    ddp = _run(
+        [
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_addr",
+            "127.0.0.1",
+            "--master_port",
+            str(_free_port()),
+            "-m",
+            "cots.train",
+        ],
+        tmp_path / "ddp",
+    )
     single = _run(["-m", "cots.train"], tmp_path / "single")
     for name, proc in (("torchrun", ddp), ("single process", single)):
         output, _ = proc.communicate(timeout=240)
@@ -61,6 +89,6 @@ def test_two_gloo_ranks_stay_in_sync_and_match_one_process(tmp_path):
         if isinstance(value, torch.Tensor) and value.is_floating_point():
             torch.testing.assert_close(ours[key], value, rtol=1e-4, atol=1e-5, msg=key)
         else:
-            assert (torch.equal(ours[key], value) if isinstance(value, torch.Tensor) else ours[key] == value), key
+            assert torch.equal(ours[key], value) if isinstance(value, torch.Tensor) else ours[key] == value, key
     # Every rank enqueued the gathered keys of the global batch, as the single process did.
     assert ours["queue._extra_state"] == theirs["queue._extra_state"] == {"ptr": 32 % 64, "enqueued": 32}

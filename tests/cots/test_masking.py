@@ -49,8 +49,7 @@ def test_mlm_80_10_10_and_determinism(tok):
         mlm_mask(ids, mask, tok, prob=0.0)
 
 
-@pytest.mark.parametrize("grid, ratio", [((14, 14), 0.4), ((8, 8), 0.4), ((8, 8), 0.75),
-                                         ((4, 6), 0.5), ((8, 8), 0.0)])
+@pytest.mark.parametrize("grid, ratio", [((14, 14), 0.4), ((8, 8), 0.4), ((8, 8), 0.75), ((4, 6), 0.5), ((8, 8), 0.0)])
 def test_block_mask_exact_count(grid, ratio):
     masks = block_mask(32, grid, ratio, torch.Generator().manual_seed(2))
     assert masks.shape == (32, grid[0] * grid[1]) and masks.dtype == torch.bool

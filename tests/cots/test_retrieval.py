@@ -251,11 +251,13 @@ def make_items(counts, video=False):
     items = []
     for i, n in enumerate(counts):
         shape = (2, 3, 4, 4) if video else (3, 4, 4)
-        items.append({
-            "video" if video else "image": torch.full(shape, float(i)),
-            "captions": [f"item {i} caption {c}" for c in range(n)],
-            "index": i,
-        })
+        items.append(
+            {
+                "video" if video else "image": torch.full(shape, float(i)),
+                "captions": [f"item {i} caption {c}" for c in range(n)],
+                "index": i,
+            }
+        )
     return items
 
 
@@ -264,9 +266,7 @@ def test_encode_dataset(training):
     counts = [1, 3, 2, 5, 1]
     model, tokenizer = CodeModel(len(counts)), CodeTokenizer()
     model.train(training)
-    images, texts, owner = encode_dataset(
-        model, make_items(counts), tokenizer, batch_size=3, max_len=6
-    )
+    images, texts, owner = encode_dataset(model, make_items(counts), tokenizer, batch_size=3, max_len=6)
     assert model.training is training
     assert not any(model.grad_enabled) and not any(model.modes)
     assert model.image_batches == [(3, 3, 4, 4), (2, 3, 4, 4)]

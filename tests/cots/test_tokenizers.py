@@ -15,9 +15,32 @@ from cots.tokenizers import (
     patchify,
 )
 
-_VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "un", "##aff", "##able", "want",
-          "##want", "##ed", "runn", "##ing", ",", "!", "hello", "cafe", "caf", "##é", "你", "好",
-          "the", "a", "##b"]
+_VOCAB = [
+    "[PAD]",
+    "[UNK]",
+    "[CLS]",
+    "[SEP]",
+    "[MASK]",
+    "un",
+    "##aff",
+    "##able",
+    "want",
+    "##want",
+    "##ed",
+    "runn",
+    "##ing",
+    ",",
+    "!",
+    "hello",
+    "cafe",
+    "caf",
+    "##é",
+    "你",
+    "好",
+    "the",
+    "a",
+    "##b",
+]
 
 
 @pytest.fixture
@@ -27,25 +50,33 @@ def wordpiece(tmp_path):
     return WordPieceTokenizer.from_vocab_file(path)
 
 
-@pytest.mark.parametrize("text, pieces", [
-    ("unaffable", ["un", "##aff", "##able"]),
-    ("UNwant\u00e9d,running", ["un", "##want", "##ed", ",", "runn", "##ing"]),
-    ("Hello!!", ["hello", "!", "!"]),
-    ("Caf\u00e9  \t hello", ["cafe", "hello"]),
-    ("\u4f60\u597d hello", ["\u4f60", "\u597d", "hello"]),
-    ("the [MASK] xyz", ["the", "[MASK]", "[UNK]"]),
-    ("unwantx", ["[UNK]"]),  # no complete split -> the whole word is unknown
-    ("a" + "b" * 100, ["[UNK]"]),  # longer than max_input_chars_per_word
-    ("a" + "b" * 99, ["a"] + ["##b"] * 99),
-    ("hello\x00\ufffd\u200b", ["hello"]),
-])
+@pytest.mark.parametrize(
+    "text, pieces",
+    [
+        ("unaffable", ["un", "##aff", "##able"]),
+        ("UNwant\u00e9d,running", ["un", "##want", "##ed", ",", "runn", "##ing"]),
+        ("Hello!!", ["hello", "!", "!"]),
+        ("Caf\u00e9  \t hello", ["cafe", "hello"]),
+        ("\u4f60\u597d hello", ["\u4f60", "\u597d", "hello"]),
+        ("the [MASK] xyz", ["the", "[MASK]", "[UNK]"]),
+        ("unwantx", ["[UNK]"]),  # no complete split -> the whole word is unknown
+        ("a" + "b" * 100, ["[UNK]"]),  # longer than max_input_chars_per_word
+        ("a" + "b" * 99, ["a"] + ["##b"] * 99),
+        ("hello\x00\ufffd\u200b", ["hello"]),
+    ],
+)
 def test_wordpiece_pieces(wordpiece, text, pieces):
     assert wordpiece.tokenize(text) == pieces
 
 
 def test_wordpiece_specials_cased_and_decode(wordpiece, tmp_path):
-    assert (wordpiece.pad_id, wordpiece.unk_id, wordpiece.cls_id, wordpiece.sep_id,
-            wordpiece.mask_id) == (0, 1, 2, 3, 4)
+    assert (wordpiece.pad_id, wordpiece.unk_id, wordpiece.cls_id, wordpiece.sep_id, wordpiece.mask_id) == (
+        0,
+        1,
+        2,
+        3,
+        4,
+    )
     assert wordpiece.vocab_size == len(_VOCAB) and wordpiece.special_ids == {0, 1, 2, 3, 4}
     cased = WordPieceTokenizer(_VOCAB, lowercase=False)
     assert cased.tokenize("Caf\u00e9 caf\u00e9") == ["[UNK]", "caf", "##\u00e9"]
@@ -59,8 +90,7 @@ def test_wordpiece_specials_cased_and_decode(wordpiece, tmp_path):
 
 
 def test_word_tokenizer_encode_truncate_pad_and_roundtrip(tmp_path):
-    tok = WordTokenizer.from_corpus(["A red circle.", "a blue circle", "red-red square!"],
-                                    min_freq=1)
+    tok = WordTokenizer.from_corpus(["A red circle.", "a blue circle", "red-red square!"], min_freq=1)
     assert tok.vocab[:5] == ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
     assert tok.vocab[5:] == ["red", "a", "circle", "blue", "square"]  # by count, then name
     assert WordTokenizer.from_corpus(["a a b"], min_freq=2).vocab[5:] == ["a"]
@@ -144,8 +174,7 @@ def test_dvae_tokenizer_from_torchscript(tmp_path):
     path = tmp_path / "dvae.pt"
     torch.jit.save(torch.jit.script(encoder), path)
     mean, std = (0.5, 0.4, 0.3), (0.2, 0.3, 0.4)
-    tok = DVAETokenizer.from_checkpoint(path, patch_size=4, vocab_size=16, image_mean=mean,
-                                        image_std=std)
+    tok = DVAETokenizer.from_checkpoint(path, patch_size=4, vocab_size=16, image_mean=mean, image_std=std)
     assert isinstance(tok, VisualTokenizer)
     images = torch.randn(2, 3, 8, 12)
     pixels = images * torch.tensor(std)[:, None, None] + torch.tensor(mean)[:, None, None]
@@ -155,8 +184,11 @@ def test_dvae_tokenizer_from_torchscript(tmp_path):
     assert not tok.encoder.training
     with pytest.raises(ValueError, match="vocab_size is 32"):
         DVAETokenizer(encoder, patch_size=4, vocab_size=32)(images)
-    with pytest.raises(ValueError, match=r"dVAE grid \(2, 2\) does not match the patch grid "
-                                         r"\(1, 1\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"dVAE grid \(2, 2\) does not match the patch grid "
+        r"\(1, 1\)",
+    ):
         DVAETokenizer(encoder, patch_size=8, vocab_size=16)(torch.randn(1, 3, 8, 8))
     # A 16 px patch grid from a stride-4 encoder: shrink the input to a quarter first.
     small = DVAETokenizer(encoder, patch_size=16, vocab_size=16, input_map="none", input_size=8)

@@ -23,9 +23,25 @@ TINY = [
 
 def test_a_few_steps_lower_every_loss_term():
     # One fixed batch of 16 pairs, seen every step (fresh masks each epoch).
-    config = parse_config(TINY + ["--steps", "16", "--batch_size", "16", "--data.train_size", "16",
-                                  "--log_every", "1", "--optim.lr", "3e-3", "--optim.warmup_steps", "2",
-                                  "--out_dir", "none"])
+    config = parse_config(
+        TINY
+        + [
+            "--steps",
+            "16",
+            "--batch_size",
+            "16",
+            "--data.train_size",
+            "16",
+            "--log_every",
+            "1",
+            "--optim.lr",
+            "3e-3",
+            "--optim.warmup_steps",
+            "2",
+            "--out_dir",
+            "none",
+        ]
+    )
     history = train(config).history
     assert [r["step"] for r in history] == list(range(1, 17))
     # i2t / t2i alone may hover near chance here: the queue fills with real (harder)
@@ -36,16 +52,45 @@ def test_a_few_steps_lower_every_loss_term():
         first, last = sum(values[:2]) / 2, sum(values[-2:]) / 2
         assert last < first, f"{term}: {first:.4f} -> {last:.4f}"
     record = history[-1]
-    for key in ("step", "epoch", "lr", "grad_norm", "images_per_s", "step_time_s", "data_time_s",
-                "peak_mem_mib", "wall_time_s", "kept", "temperature"):
+    for key in (
+        "step",
+        "epoch",
+        "lr",
+        "grad_norm",
+        "images_per_s",
+        "step_time_s",
+        "data_time_s",
+        "peak_mem_mib",
+        "wall_time_s",
+        "kept",
+        "temperature",
+    ):
         assert key in record
     assert record["peak_mem_mib"] > 0 and record["images_per_s"] > 0
 
 
 def test_cli_writes_config_log_and_checkpoint(tmp_path, capsys):
     out = tmp_path / "run"
-    assert main(TINY + ["--steps", "3", "--batch_size", "4", "--data.train_size", "8", "--log_every", "2",
-                        "--out_dir", str(out), "--progress", "true"]) == 0
+    assert (
+        main(
+            TINY
+            + [
+                "--steps",
+                "3",
+                "--batch_size",
+                "4",
+                "--data.train_size",
+                "8",
+                "--log_every",
+                "2",
+                "--out_dir",
+                str(out),
+                "--progress",
+                "true",
+            ]
+        )
+        == 0
+    )
     records = read_jsonl(out / "log.jsonl")
     assert [r["step"] for r in records] == [2, 3]  # every log_every steps and the last one
     saved = config_from_dict(json.loads((out / "config.json").read_text()))
@@ -56,10 +101,23 @@ def test_cli_writes_config_log_and_checkpoint(tmp_path, capsys):
 
 def test_config_file_then_flags(tmp_path):
     toml = tmp_path / "run.toml"
-    toml.write_text('steps = 50\nseed = 3\n[optim]\nlr = 0.001\nbetas = [0.9, 0.98]\n'
-                    '[model]\nqueue_size = 128\nvision = {depth = 2}\n')
-    config = parse_config(["--config", str(toml), "--optim.lr=2e-4", "--model.vision.width", "64",
-                           "--data.dataset", "shapes_video", "--out_dir", "None"])
+    toml.write_text(
+        "steps = 50\nseed = 3\n[optim]\nlr = 0.001\nbetas = [0.9, 0.98]\n"
+        "[model]\nqueue_size = 128\nvision = {depth = 2}\n"
+    )
+    config = parse_config(
+        [
+            "--config",
+            str(toml),
+            "--optim.lr=2e-4",
+            "--model.vision.width",
+            "64",
+            "--data.dataset",
+            "shapes_video",
+            "--out_dir",
+            "None",
+        ]
+    )
     assert (config.steps, config.seed, config.optim.lr, config.optim.betas) == (50, 3, 2e-4, (0.9, 0.98))
     assert config.model.queue_size == 128 and config.model.vision == {"depth": 2, "width": 64}
     assert config.data.dataset == "shapes_video" and config.out_dir is None
@@ -175,8 +233,23 @@ def test_progress_redraws_on_a_terminal_and_prints_lines_elsewhere():
 
 
 def test_periodic_evaluation_is_logged(tmp_path):
-    config = parse_config(TINY + ["--steps", "3", "--batch_size", "8", "--data.train_size", "16",
-                                  "--data.eval_size", "8", "--eval_every", "2", "--out_dir", str(tmp_path)])
+    config = parse_config(
+        TINY
+        + [
+            "--steps",
+            "3",
+            "--batch_size",
+            "8",
+            "--data.train_size",
+            "16",
+            "--data.eval_size",
+            "8",
+            "--eval_every",
+            "2",
+            "--out_dir",
+            str(tmp_path),
+        ]
+    )
     result = train(config)
     assert [e["step"] for e in result.evaluations] == [2, 3]  # every 2 steps and at the end
     for evaluation in result.evaluations:

@@ -8,8 +8,9 @@ loss and the gradient of every input that requires grad with
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Optional
+from typing import Any
 
 import torch
 
@@ -38,16 +39,16 @@ class Inputs:
     hidden: torch.Tensor
     weight: torch.Tensor
     targets: torch.Tensor
-    bias: Optional[torch.Tensor]
+    bias: torch.Tensor | None
 
     def leaves(self) -> list[tuple[str, torch.Tensor]]:
         return [(n, t) for n, t in (("hidden", self.hidden), ("weight", self.weight), ("bias", self.bias))
                 if t is not None and t.requires_grad]  # fmt: skip
 
-    def cast(self, dtype: torch.dtype) -> "Inputs":
+    def cast(self, dtype: torch.dtype) -> Inputs:
         """Fresh leaves with the same values in ``dtype`` (same requires_grad)."""
 
-        def conv(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        def conv(t: torch.Tensor | None) -> torch.Tensor | None:
             return None if t is None else t.detach().to(dtype).requires_grad_(t.requires_grad)
 
         return replace(self, hidden=conv(self.hidden), weight=conv(self.weight), bias=conv(self.bias))
@@ -78,7 +79,7 @@ def make_inputs(
     drop[:1] = False
     targets[drop] = IGNORE
 
-    def leaf(t: Optional[torch.Tensor], grad: bool) -> Optional[torch.Tensor]:
+    def leaf(t: torch.Tensor | None, grad: bool) -> torch.Tensor | None:
         return None if t is None else t.to(device=device, dtype=dtype).requires_grad_(grad)
 
     return Inputs(
@@ -89,7 +90,7 @@ def make_inputs(
     )
 
 
-def run_loss(inputs: Inputs, impl: str | Callable, **options: Any) -> dict[str, Optional[torch.Tensor]]:
+def run_loss(inputs: Inputs, impl: str | Callable, **options: Any) -> dict[str, torch.Tensor | None]:
     """The loss and the gradient of every leaf that requires grad.
 
     ``impl`` is an ``impl=`` string or a callable taking (hidden, weight, targets, bias).
@@ -100,7 +101,7 @@ def run_loss(inputs: Inputs, impl: str | Callable, **options: Any) -> dict[str, 
         loss = impl(inputs.hidden, inputs.weight, inputs.targets, inputs.bias)
     else:
         loss = linear_cross_entropy(inputs.hidden, inputs.weight, inputs.targets, inputs.bias, impl=impl, **options)
-    results: dict[str, Optional[torch.Tensor]] = {"loss": loss.detach()}
+    results: dict[str, torch.Tensor | None] = {"loss": loss.detach()}
     leaves = inputs.leaves()
     if leaves:
         if loss.dim() == 1:

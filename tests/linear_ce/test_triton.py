@@ -33,7 +33,9 @@ def _with(overrides: triton_impl.LaunchOverrides, **options):
     """An impl callable running the kernels with forced launch settings."""
 
     def impl(h, w, t, b):
-        problem = validate(h, w, t, b, Options(IGNORE, options.get("label_smoothing", 0.0), options.get("reduction", "mean")))
+        problem = validate(
+            h, w, t, b, Options(IGNORE, options.get("label_smoothing", 0.0), options.get("reduction", "mean"))
+        )
         rows = triton_impl.triton_rows(problem, overrides)
         return reduce_rows(rows, t != IGNORE, problem.options.reduction)
 
