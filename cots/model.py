@@ -32,7 +32,7 @@ from cots_kernels import (
     cots_contrastive_loss,
     linear_cross_entropy,
 )
-from cots_kernels.queues import gathered
+from cots_kernels.distributed import all_gather_rows, rank_and_world
 
 TEMPERATURE_BOUNDS = (0.001, 0.5)  # ALBEF's clamp of the learnable temperature
 TERMS = ("itc", "i2t", "t2i", "kl", "mlm", "mvm", "kept", "temperature")
@@ -52,13 +52,6 @@ class COTSOutput(NamedTuple):
 
     loss: torch.Tensor
     terms: dict[str, torch.Tensor]
-
-
-def _world() -> tuple[int, int]:
-    """(rank, world size) of the default group, (0, 1) outside distributed runs."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 class ImageTower(nn.Module):
@@ -226,7 +219,7 @@ class COTSModel(nn.Module):
         input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
         if visual.shape[0] != input_ids.shape[0]:
             raise ValueError(f"batch has {visual.shape[0]} images but {input_ids.shape[0]} texts")
-        rank, world = _world()
+        rank, world = rank_and_world()
 
         image_tokens, image_global, image_query = self.image(visual)
         _, text_global, text_query = self.text(input_ids, attention_mask)
@@ -283,7 +276,7 @@ class COTSModel(nn.Module):
         """The fused ITC + KL loss against the (gathered) batch keys and the queues, summed over pairs."""
         cfg = self.config
         if cfg.in_batch_negatives:  # score against the global batch; our positives start at rank * B
-            keys, offset = (gathered(image_keys, None), gathered(text_keys, None)), rank * image_keys.shape[0]
+            keys, offset = (all_gather_rows(image_keys), all_gather_rows(text_keys)), rank * image_keys.shape[0]
         else:
             keys, offset = (image_keys, text_keys), 0
         queues = self.queue.queues() if self.image_momentum.step >= cfg.queue_warmup_steps else (None, None)

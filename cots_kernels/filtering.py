@@ -33,7 +33,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .queues import gathered, ring_write_
+from .distributed import all_gather_rows
+from .queues import ring_write_
 
 
 class AdaptiveMomentumFilter(nn.Module):
@@ -128,7 +129,7 @@ class AdaptiveMomentumFilter(nn.Module):
             weights = (values.double() >= threshold).float()  # NaN similarities: dropped
             self.last_threshold = threshold
         if self.gather:
-            values = gathered(values, self.process_group)
+            values = all_gather_rows(values, self.process_group)
         self.ptr = ring_write_(self.similarities, values, self.ptr)
         self.enqueued += values.shape[0]
         self.step += 1

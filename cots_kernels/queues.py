@@ -15,6 +15,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .distributed import all_gather_rows
+
 INITS = ("random", "zeros")
 
 
@@ -38,22 +40,6 @@ def ring_write_(buffer: torch.Tensor, rows: torch.Tensor, ptr: int) -> int:
     if first < n:
         buffer[: n - first].copy_(rows[first:])
     return (ptr + n) % size
-
-
-def gathered(x: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
-    """(world * n, ...) rows of every rank in rank order, or ``x`` outside distributed runs.
-
-    Every rank must pass the same shape (as ``all_gather_into_tensor`` requires). No
-    gradient flows through (the inputs are detached keys / similarities).
-    """
-    if not (dist.is_available() and dist.is_initialized()):
-        return x
-    world = dist.get_world_size(group)
-    if world == 1:
-        return x
-    out = x.new_empty((world * x.shape[0], *x.shape[1:]))
-    dist.all_gather_into_tensor(out, x.contiguous(), group=group)
-    return out
 
 
 class PairedQueue(nn.Module):
@@ -157,7 +143,7 @@ class PairedQueue(nn.Module):
         # One collective for both queues, (B, 2D), cast first: a bf16 queue halves the traffic.
         pairs = torch.cat([image_keys.detach(), text_keys.detach()], dim=1).to(self.image_queue.dtype)
         if self.gather:
-            pairs = gathered(pairs, self.process_group)  # (world * B, 2D)
+            pairs = all_gather_rows(pairs, self.process_group)  # (world * B, 2D)
         ring_write_(self.image_queue, pairs[:, : self.dim], self.ptr)
         self.ptr = ring_write_(self.text_queue, pairs[:, self.dim :], self.ptr)
         self.enqueued += pairs.shape[0]

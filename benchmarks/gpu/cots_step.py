@@ -30,7 +30,7 @@ from cots.config import COTSConfig
 from cots.model import COTSModel
 from cots.tokenizers import patchify
 from cots_kernels import ContrastiveOutput, cots_contrastive_loss
-from cots_kernels.queues import gathered
+from cots_kernels.distributed import all_gather_rows
 
 TARGET_SPEEDUP = 1.3
 TEXT_VOCAB = 30522  # BERT-base word pieces
@@ -64,8 +64,8 @@ class PlainCOTSModel(COTSModel):
         self, image_query, text_query, image_keys, text_keys, weight: torch.Tensor | None, rank: int
     ) -> ContrastiveOutput:
         image_queue, text_queue = self.queue.queues()
-        image_all = torch.cat([gathered(image_keys, None), image_queue.clone().to(image_keys.dtype)])
-        text_all = torch.cat([gathered(text_keys, None), text_queue.clone().to(text_keys.dtype)])
+        image_all = torch.cat([all_gather_rows(image_keys), image_queue.clone().to(image_keys.dtype)])
+        text_all = torch.cat([all_gather_rows(text_keys), text_queue.clone().to(text_keys.dtype)])
         cfg = self.config
         return cots_contrastive_loss(
             image_query, text_query, image_all, text_all, None, None, self.temperature,
