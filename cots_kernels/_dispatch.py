@@ -49,10 +49,18 @@ def choose(impls: Sequence[Implementation[P]], impl: str, problem: P, op: str) -
                 return candidate
             reasons.append(f"{candidate.name}: {reason}")
         raise UnsupportedInputError(f"{op}: no implementation can run this input ({'; '.join(reasons)})")
+    if impl not in names:
+        raise ValueError(f"{op}: unknown impl {impl!r}; expected 'auto' or one of {names}")
+    candidate = by_name(impls, impl)
+    reason = candidate.why_not(problem, False)
+    if reason is not None:
+        raise UnsupportedInputError(f"{op}: impl={impl!r} cannot run this input: {reason}")
+    return candidate
+
+
+def by_name(impls: Sequence[Implementation[P]], name: str) -> Implementation[P]:
+    """The implementation called ``name``."""
     for candidate in impls:
-        if candidate.name == impl:
-            reason = candidate.why_not(problem, False)
-            if reason is not None:
-                raise UnsupportedInputError(f"{op}: impl={impl!r} cannot run this input: {reason}")
+        if candidate.name == name:
             return candidate
-    raise ValueError(f"{op}: unknown impl {impl!r}; expected 'auto' or one of {names}")
+    raise ValueError(f"unknown impl {name!r}; expected one of {[i.name for i in impls]}")

@@ -5,31 +5,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .. import _dispatch, _triton_utils
-from . import chunked, reference
-from .problem import LinearCEProblem, Options, check_options, reduce_rows, validate
-
-
-def _triton_why_not(problem: LinearCEProblem, auto: bool) -> str | None:
-    reason = _triton_utils.why_not_triton(problem.hidden, auto=auto)
-    if reason is not None:
-        return reason
-    from . import triton_impl  # imports Triton: deferred until a Triton device is in play
-
-    return triton_impl.why_not(problem, auto)
-
-
-def _triton_run(problem: LinearCEProblem) -> torch.Tensor:
-    from . import triton_impl
-
-    rows = triton_impl.triton_rows(problem)
-    return reduce_rows(rows, problem.targets != problem.options.ignore_index, problem.options.reduction)
-
+from .. import _checks, _dispatch
+from . import reference, torch_impl, triton_impl
+from .problem import LinearCEProblem, Options, check_options, validate
 
 IMPLEMENTATIONS = (
-    _dispatch.Implementation("triton", _triton_why_not, _triton_run),
-    _dispatch.Implementation("torch", chunked.why_not, chunked.chunked_loss),
-    _dispatch.Implementation("reference", reference.why_not, reference.reference_loss),
+    _dispatch.Implementation("triton", triton_impl.why_not, triton_impl.run),
+    _dispatch.Implementation("torch", torch_impl.why_not, torch_impl.run),
+    _dispatch.Implementation("reference", reference.why_not, reference.run),
 )
 """Implementations in order of preference for ``impl="auto"``."""
 
@@ -79,21 +62,26 @@ def linear_cross_entropy(
         the logits are accumulated in float32 and so is the loss, as cut-cross-entropy
         does, where ``F.cross_entropy`` on half logits would return a half loss.
         Gradients of hidden, weight and bias come back in their own dtypes, computed
-        only for those that require grad. Autocast does not change the computation:
-        cast the inputs to the dtype you want (bf16 under bf16 autocast) before the call.
+        only for those that require grad. Under autocast, hidden, weight and bias are
+        cast to the autocast dtype first, as ``F.linear`` would cast them, so the op
+        computes what the materialised head computes in the same region.
 
     Raises:
         TypeError, ValueError: bad input, naming the argument (see ``problem.validate``).
         cots_kernels.UnsupportedInputError: an explicit ``impl`` cannot run the input.
     """
-    options = Options(ignore_index, label_smoothing, reduction)
-    problem = validate(hidden, weight, targets, bias, options, check_targets=check_targets)
+    hidden, weight, bias = _checks.autocast_inputs(hidden, weight, bias)
+    problem = validate(hidden, weight, targets, bias, Options(ignore_index, label_smoothing, reduction), check_targets)
     implementation = _dispatch.choose(IMPLEMENTATIONS, impl, problem, "linear_cross_entropy")
-    # The inputs' dtypes are the op's contract (validate checks they agree); autocast
-    # would re-cast the torch path's chunk matmuls behind its back (a bf16 logit
-    # chunk meeting a float32 update), so it is off inside the op, as for any fused op.
-    with torch.autocast(hidden.device.type, enabled=False):
-        return implementation.run(problem)
+    with torch.autocast(problem.device.type, enabled=False):  # the dtypes are settled above
+        return reduce(problem, implementation.run(problem))
+
+
+def reduce(problem: LinearCEProblem, rows: torch.Tensor) -> torch.Tensor:
+    """Apply the problem's reduction to per-row losses (N,) (0 on ignored rows), as
+    ``F.cross_entropy`` does: "mean" is over the non-ignored rows, so a batch whose rows
+    are all ignored gives PyTorch's 0 / 0 = NaN (with zero gradients)."""
+    return _checks.reduce_rows(rows, problem.options.reduction, problem.valid.sum().to(rows.dtype))
 
 
 class LinearCrossEntropy(nn.Module):

@@ -1,26 +1,19 @@
 """The validated inputs of fused linear cross-entropy, shared by every implementation.
 
 The op is ``F.cross_entropy(hidden @ weight.T + bias, targets, ignore_index=...,
-label_smoothing=..., reduction=...)``. Per row i with a target t_i != ignore_index,
-logits z_ij = <hidden_i, weight_j> + bias_j and lse_i = log sum_j exp(z_ij):
-
-    loss_i = lse_i - (1 - eps) z_{i, t_i} - (eps / V) sum_j z_ij
-
-(eps = ``label_smoothing``: the target distribution is (1 - eps) one-hot + eps / V
-uniform, PyTorch's definition). Ignored rows have loss 0 and no gradient. The gradient of
-the logits is dz_ij = g_i (softmax_ij - (1 - eps) [j = t_i] - eps / V), with g_i the
-upstream gradient of loss_i; every implementation forms it tile by tile.
+label_smoothing=..., reduction=...)``; the formulas every implementation follows are in
+``docs/linear-ce-math.md``. Implementations return per-row losses (0 on ignored rows);
+the API applies the reduction.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 
-REDUCTIONS = ("none", "sum", "mean")
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+from .. import _checks
+
 TARGET_DTYPES = (torch.int64, torch.int32)
 
 
@@ -78,25 +71,29 @@ class LinearCEProblem:
     @property
     def acc_dtype(self) -> torch.dtype:
         """The dtype of the loss and of every accumulation: float64 for float64 inputs, else float32."""
-        return torch.float64 if self.dtype == torch.float64 else torch.float32
+        return _checks.acc_dtype(self.dtype)
 
-    def autograd_inputs(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
-        """(hidden, weight, bias, targets): the tensor arguments, in order, of every
-        implementation's autograd.Function."""
-        return self.hidden, self.weight, self.bias, self.targets
-
-
-def _check_float(name: str, t: object, ndim: int) -> torch.Tensor:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
-    if t.dim() != ndim:
-        raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(t.shape)}")
-    return t
+    @property
+    def valid(self) -> torch.Tensor:
+        """(N,) bool: the rows whose target is not ``ignore_index``."""
+        return self.targets != self.options.ignore_index
 
 
-def _check_target_range(targets: torch.Tensor, vocab: int, ignore_index: int) -> None:
+def check_options(options: Options) -> Options:
+    """Check the options and return them with plain int / float values.
+
+    Raises:
+        TypeError: a non-int ignore_index, a non-number label_smoothing.
+        ValueError: an unknown reduction, label_smoothing outside [0, 1].
+    """
+    return Options(
+        _checks.integer("ignore_index", options.ignore_index),
+        _checks.real("label_smoothing", options.label_smoothing, low=0.0, high=1.0),
+        _checks.choice("reduction", options.reduction, _checks.REDUCTIONS),
+    )
+
+
+def check_target_values(targets: torch.Tensor, vocab: int, ignore_index: int) -> None:
     """Every target in [0, V) or equal to ignore_index.
 
     One pass over the N targets. On a CPU it raises ValueError with the offending value;
@@ -117,25 +114,6 @@ def _check_target_range(targets: torch.Tensor, vocab: int, ignore_index: int) ->
         torch._assert_async(~bad.any(), f"linear_cross_entropy: targets must lie in [0, {vocab}) or equal ignore_index")
 
 
-def check_options(options: Options) -> Options:
-    """Check the options and return them with plain int / float values.
-
-    Raises:
-        TypeError: a non-int ignore_index, a non-number label_smoothing.
-        ValueError: an unknown reduction, label_smoothing outside [0, 1].
-    """
-    if isinstance(options.ignore_index, bool) or not isinstance(options.ignore_index, int):
-        raise TypeError(f"ignore_index must be an int, got {type(options.ignore_index).__name__}")
-    if options.reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {options.reduction!r}")
-    eps = options.label_smoothing
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
-        raise TypeError(f"label_smoothing must be a number, got {type(eps).__name__}")
-    if not (math.isfinite(eps) and 0.0 <= eps <= 1.0):
-        raise ValueError(f"label_smoothing must lie in [0, 1], got {eps}")
-    return Options(int(options.ignore_index), float(eps), options.reduction)
-
-
 def validate(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -153,10 +131,12 @@ def validate(
             reduction, label_smoothing outside [0, 1], and (``check_targets``) a target
             outside [0, V) other than ignore_index.
     """
-    h = _check_float("hidden", hidden, 2)
-    w = _check_float("weight", weight, 2)
-    if h.dtype != w.dtype:
-        raise TypeError(f"hidden ({h.dtype}) and weight ({w.dtype}) must share a dtype")
+    h = _checks.float_tensor("hidden", hidden, 2)
+    w = _checks.float_tensor("weight", weight, 2)
+    b = None if bias is None else _checks.float_tensor("bias", bias, 1)
+    _checks.same_dtype(hidden=h, weight=w)
+    if b is not None and b.dtype != h.dtype:
+        raise TypeError(f"bias ({b.dtype}) must have the dtype of hidden and weight ({h.dtype})")
     rows, dim = h.shape
     vocab = w.shape[0]
     if dim == 0:
@@ -165,43 +145,16 @@ def validate(
         raise ValueError("weight has 0 rows: the vocabulary is empty")
     if w.shape[1] != dim:
         raise ValueError(f"weight must be (V, D) with D = {dim} (hidden's last dim), got shape {tuple(w.shape)}")
-    b = None
-    if bias is not None:
-        b = _check_float("bias", bias, 1)
-        if b.dtype != h.dtype:
-            raise TypeError(f"bias ({b.dtype}) must have the dtype of hidden and weight ({h.dtype})")
-        if b.shape[0] != vocab:
-            raise ValueError(f"bias must be (V,) = ({vocab},), got shape {tuple(b.shape)}")
+    if b is not None and b.shape[0] != vocab:
+        raise ValueError(f"bias must be (V,) = ({vocab},) with V = weight's rows, got shape {tuple(b.shape)}")
     if not isinstance(targets, torch.Tensor):
         raise TypeError(f"targets must be a torch.Tensor, got {type(targets).__name__}")
     if targets.dtype not in TARGET_DTYPES:
         raise TypeError(f"targets must be int64 or int32 class indices, got {targets.dtype}")
     if targets.shape != (rows,):
-        raise ValueError(f"targets must be (N,) = ({rows},), got shape {tuple(targets.shape)}")
-
-    tensors = {"hidden": h, "weight": w, "targets": targets}
-    if b is not None:
-        tensors["bias"] = b
-    if len({t.device for t in tensors.values()}) > 1:
-        listing = ", ".join(f"{n} on {t.device}" for n, t in tensors.items())
-        raise ValueError(f"all inputs must be on one device, got {listing}")
-
+        raise ValueError(f"targets must be (N,) = ({rows},) with N = hidden's rows, got shape {tuple(targets.shape)}")
+    _checks.same_device(hidden=h, weight=w, targets=targets, bias=b)
     options = check_options(options)
     if check_targets:
-        _check_target_range(targets, vocab, options.ignore_index)
+        check_target_values(targets, vocab, options.ignore_index)
     return LinearCEProblem(h, w, targets, b, options)
-
-
-def reduce_rows(rows: torch.Tensor, valid: torch.Tensor, reduction: str) -> torch.Tensor:
-    """Apply ``reduction`` to per-row losses (0 on ignored rows), as F.cross_entropy does.
-
-    "mean" divides by the number of non-ignored rows, so a batch whose rows are all
-    ignored gives 0 / 0 = NaN (PyTorch's result; its gradients are 0, since every
-    ignored row's coefficient is masked to 0 by the implementations).
-    """
-    if reduction == "none":
-        return rows
-    total = rows.sum()
-    if reduction == "sum":
-        return total
-    return total / valid.sum().to(rows.dtype)

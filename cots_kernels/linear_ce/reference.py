@@ -1,4 +1,4 @@
-"""The materialised PyTorch formula of linear cross-entropy: the oracle.
+"""The materialised PyTorch formula of linear cross-entropy: the oracle (``impl="reference"``).
 
 Builds the full (N, V) logits with ``F.linear`` in the inputs' dtype (what a model does
 under autocast), upcasts them to the accumulation dtype and calls ``F.cross_entropy``.
@@ -21,14 +21,14 @@ def why_not(problem: LinearCEProblem, auto: bool) -> str | None:
     return None
 
 
-def reference_loss(problem: LinearCEProblem) -> torch.Tensor:
-    """The reduced loss in the accumulation dtype (float32, or float64 for float64 inputs)."""
+def run(problem: LinearCEProblem) -> torch.Tensor:
+    """Per-row losses (N,) in the accumulation dtype, 0 on ignored rows."""
     opts = problem.options
     logits = F.linear(problem.hidden, problem.weight, problem.bias)  # (N, V), input dtype
     return F.cross_entropy(
         logits.to(problem.acc_dtype),
         problem.targets.long(),
         ignore_index=opts.ignore_index,
-        reduction=opts.reduction,
+        reduction="none",
         label_smoothing=opts.label_smoothing,
     )

@@ -1,6 +1,6 @@
 """Fused Triton implementation of linear cross-entropy (``impl="triton"``).
 
-Same semantics as :mod:`.reference` (the formulas are in :mod:`.problem`), in three
+Same semantics as :mod:`.reference` (the formulas are in ``docs/linear-ce-math.md``), in three
 kernels from :mod:`.triton_kernels`:
 
 - Forward: a grid of (row blocks, vocab splits). Each program walks its split's vocab
@@ -23,51 +23,20 @@ would share one recomputation between d hidden and d weight.
 
 from __future__ import annotations
 
-import contextlib
-import functools
 from dataclasses import dataclass
 
 import torch
 from torch.autograd.function import once_differentiable
 
-from .. import _triton_utils
+from .. import _triton_utils as tu
+from .._triton_utils import NO_OVERRIDES, LaunchOverrides, Tiles
 from .problem import LinearCEProblem, Options
-
-if _triton_utils.TRITON_INSTALLED:
-    from . import triton_kernels as kernels
-
-# tl.dot precision for float32 operands (half operands ignore it): three TF32 products
-# keep about float32 accuracy on tensor cores, as in the contrastive kernels, where plain
-# "tf32" would be less accurate than torch's float32 matmul. The interpreter computes in
-# numpy float32 whatever the setting.
-_FP32_DOT_PRECISION = "tf32x3"
-
-# CUDA limits the second grid axis (the vocab splits) to 65,535 programs.
-_MAX_SPLITS = 65_535
 
 # Bound of the hidden-gradient partials (splits, N, D) float32 beyond the first split. At
 # the MLM shape (N = 600, D = 768) a split is 1.8 MiB, so up to 17 splits and 170
 # programs; at the MVM shape (N = 10,240) a split is 30 MiB and one split already gives
 # 160 row blocks.
 _HIDDEN_PARTIAL_BYTES = 32 << 20
-
-
-@dataclass(frozen=True)
-class Tiles:
-    """Tile sizes and launch options of one kernel.
-
-    Attributes:
-        block_n: hidden rows per tile.
-        block_v: vocab columns per tile.
-        block_d: hidden-dim slice per tl.dot (the kernels loop over D).
-        num_warps, num_stages: Triton launch options (ignored by the interpreter).
-    """
-
-    block_n: int
-    block_v: int
-    block_d: int
-    num_warps: int
-    num_stages: int
 
 
 @dataclass(frozen=True)
@@ -87,40 +56,6 @@ class LaunchConfig:
     forward_split_cols: int
     hidden_split_cols: int
     weight_programs: int
-
-
-@dataclass(frozen=True)
-class LaunchOverrides:
-    """Launch settings forced over :func:`launch_config`'s choice (None: keep its choice).
-
-    Tests use them to run several splits, row blocks, vocab blocks and persistent
-    iterations on small inputs. Tile sizes must be powers of two >= 16; split sizes are
-    rounded up to a multiple of the tile.
-    """
-
-    block_n: int | None = None
-    block_v: int | None = None
-    block_d: int | None = None
-    split_cols: int | None = None
-    weight_programs: int | None = None
-
-
-@functools.cache
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-def _pow2(n: int, lo: int, hi: int) -> int:
-    """The power of two >= n, clamped to [lo, hi] (tl.dot needs every dim >= 16)."""
-    return min(hi, max(lo, 1 << max(n - 1, 0).bit_length()))
-
-
-def _cdiv(n: int, d: int) -> int:
-    return -(-n // d)
-
-
-def _round_up(n: int, multiple: int) -> int:
-    return _cdiv(n, multiple) * multiple
 
 
 def _gpu_tiles(dtype: torch.dtype) -> tuple[Tiles, Tiles, Tiles]:
@@ -145,49 +80,43 @@ def _gpu_tiles(dtype: torch.dtype) -> tuple[Tiles, Tiles, Tiles]:
     return forward, hidden, weight
 
 
-def launch_config(problem: LinearCEProblem, overrides: LaunchOverrides = LaunchOverrides()) -> LaunchConfig:
+def launch_config(problem: LinearCEProblem, overrides: LaunchOverrides = NO_OVERRIDES) -> LaunchConfig:
     """The pinned launch settings of the three kernels for ``problem``."""
     rows, vocab, dim = problem.rows, problem.vocab, problem.dim
     if problem.device.type == "cpu":
         # The interpreter runs every tile op through numpy, so its cost grows with
         # programs x loop iterations far more than with tile size: the largest tiles,
         # one D slice up to 128, and one split per 1,024 columns.
-        tiles = Tiles(_pow2(rows, 16, 64), _pow2(vocab, 16, 128), _pow2(dim, 16, 128), 4, 1)
+        tiles = Tiles(tu.pow2(rows, 16, 64), tu.pow2(vocab, 16, 128), tu.pow2(dim, 16, 128), 4, 1)
         forward = hidden = weight = tiles
         forward_cols = hidden_cols = 1024
         programs = None  # one weight program per vocab block
     else:
-        sms = _sm_count(problem.device.index)
+        sms = tu.device_limits(problem.device.index)[0]
         forward, hidden, weight = _gpu_tiles(problem.dtype)
         # About 2 programs per SM, each walking >= 4 vocab tiles so that loads pipeline.
-        splits = _cdiv(2 * sms, _cdiv(rows, forward.block_n))
-        forward_cols = max(4 * forward.block_v, _cdiv(vocab, splits))
-        splits = _cdiv(2 * sms, _cdiv(rows, hidden.block_n))
+        splits = tu.cdiv(2 * sms, tu.cdiv(rows, forward.rows))
+        forward_cols = max(4 * forward.cols, tu.cdiv(vocab, splits))
+        splits = tu.cdiv(2 * sms, tu.cdiv(rows, hidden.rows))
         splits = min(splits, max(1, _HIDDEN_PARTIAL_BYTES // (rows * dim * 4)))
-        hidden_cols = max(4 * hidden.block_v, _cdiv(vocab, splits))
+        hidden_cols = max(4 * hidden.cols, tu.cdiv(vocab, splits))
         # One program per SM: each holds a (block_v, D) float32 scratch, and the vocab
         # blocks (128 at V = 8,192, 477 at V = 30,522) are shared out round-robin.
         programs = sms
 
-    def tiles_with(t: Tiles) -> Tiles:
-        return Tiles(
-            overrides.block_n or t.block_n, overrides.block_v or t.block_v, overrides.block_d or t.block_d,
-            t.num_warps, t.num_stages,
-        )  # fmt: skip
-
-    forward, hidden, weight = tiles_with(forward), tiles_with(hidden), tiles_with(weight)
+    forward, hidden, weight = overrides.apply(forward), overrides.apply(hidden), overrides.apply(weight)
     if overrides.split_cols:
         forward_cols = hidden_cols = overrides.split_cols
-    forward_cols = _round_up(max(forward_cols, _cdiv(vocab, _MAX_SPLITS)), forward.block_v)
-    hidden_cols = _round_up(max(hidden_cols, _cdiv(vocab, _MAX_SPLITS)), hidden.block_v)
-    vocab_blocks = _cdiv(vocab, weight.block_v)
-    programs = min(overrides.weight_programs or programs or vocab_blocks, vocab_blocks)
+    forward_cols = tu.round_up(max(forward_cols, tu.cdiv(vocab, tu.MAX_GRID_Y)), forward.cols)
+    hidden_cols = tu.round_up(max(hidden_cols, tu.cdiv(vocab, tu.MAX_GRID_Y)), hidden.cols)
+    vocab_blocks = tu.cdiv(vocab, weight.cols)
+    programs = min(overrides.programs or programs or vocab_blocks, vocab_blocks)
     return LaunchConfig(forward, hidden, weight, forward_cols, hidden_cols, programs)
 
 
 def why_not(problem: LinearCEProblem, auto: bool) -> str | None:
     """None if the Triton kernels can run ``problem``, else why not."""
-    reason = _triton_utils.why_not_triton(problem.hidden, auto=auto)
+    reason = tu.why_not_triton(problem.hidden, auto=auto)
     if reason is not None:
         return reason
     if problem.dtype == torch.float64:
@@ -195,15 +124,6 @@ def why_not(problem: LinearCEProblem, auto: bool) -> str | None:
     if problem.rows == 0:
         return "no rows (N = 0): nothing to launch"
     return None
-
-
-def _dot_precision() -> str:
-    return "ieee" if _triton_utils.UPCAST_DOT_OPERANDS else _FP32_DOT_PRECISION
-
-
-def _on(device: torch.device) -> contextlib.AbstractContextManager:
-    """Triton launches on the current CUDA device: make it the tensors' device."""
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 @dataclass(frozen=True)
@@ -238,24 +158,24 @@ class _Operands:
 
 def _forward_rows(problem: LinearCEProblem, ops: _Operands, cfg: LaunchConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row (loss, lse), each (N,) float32; ignored rows' loss is 0."""
+    from . import triton_kernels as kernels
+
     opts = problem.options
     t = cfg.forward
     smooth = opts.label_smoothing > 0
-    splits = _cdiv(problem.vocab, cfg.forward_split_cols)
+    splits = tu.cdiv(problem.vocab, cfg.forward_split_cols)
     planes = kernels.STATS if smooth else kernels.STATS - 1
     stats = torch.empty((planes, splits, problem.rows), dtype=torch.float32, device=problem.device)
-    with _on(problem.device):
-        kernels._fwd_kernel[(_cdiv(problem.rows, t.block_n), splits)](
+    with tu.on_device(problem.device):
+        kernels._fwd_kernel[(tu.cdiv(problem.rows, t.rows), splits)](
             *ops.args(), stats, *ops.sizes(), cfg.forward_split_cols, splits,
             HAS_BIAS=ops.has_bias, SMOOTH=smooth,
-            UPCAST=_triton_utils.UPCAST_DOT_OPERANDS, PRECISION=_dot_precision(),
-            BLOCK_N=t.block_n, BLOCK_V=t.block_v, BLOCK_D=t.block_d,
+            UPCAST=tu.UPCAST_DOT_OPERANDS, PRECISION=tu.dot_precision(),
+            BLOCK_N=t.rows, BLOCK_V=t.cols, BLOCK_D=t.dim,
             num_warps=t.num_warps, num_stages=t.num_stages,
         )  # fmt: skip
-    # Exact merge of the splits: sum_s S_s exp(m_s - m) with m = max_s m_s.
-    m, sum_exp = stats[0], stats[1]  # (splits, N)
-    m_max = m.amax(dim=0)
-    lse = m_max + torch.log((sum_exp * torch.exp(m - m_max)).sum(dim=0))
+    m_max, sum_exp = tu.merge_splits(stats[0], stats[1])  # (N,) each
+    lse = m_max + torch.log(sum_exp)
     eps = opts.label_smoothing
     term = stats[2].sum(dim=0)  # only the split holding t_i contributes
     if smooth:
@@ -275,15 +195,17 @@ def _backward_hidden(
     cfg: LaunchConfig,
 ) -> torch.Tensor:  # fmt: skip
     """d hidden (N, D) in the hidden dtype."""
+    from . import triton_kernels as kernels
+
     t = cfg.hidden
-    splits = _cdiv(problem.vocab, cfg.hidden_split_cols)
+    splits = tu.cdiv(problem.vocab, cfg.hidden_split_cols)
     partial = torch.zeros((splits, problem.rows, problem.dim), dtype=torch.float32, device=problem.device)
     on_target, uniform = _grad_scalars(problem)
-    with _on(problem.device):
-        kernels._bwd_hidden_kernel[(_cdiv(problem.rows, t.block_n), splits)](
+    with tu.on_device(problem.device):
+        kernels._bwd_hidden_kernel[(tu.cdiv(problem.rows, t.rows), splits)](
             *ops.args(), lse, coef, partial, *ops.sizes(), cfg.hidden_split_cols, on_target, uniform,
-            HAS_BIAS=ops.has_bias, UPCAST=_triton_utils.UPCAST_DOT_OPERANDS, PRECISION=_dot_precision(),
-            BLOCK_N=t.block_n, BLOCK_V=t.block_v, BLOCK_D=t.block_d,
+            HAS_BIAS=ops.has_bias, UPCAST=tu.UPCAST_DOT_OPERANDS, PRECISION=tu.dot_precision(),
+            BLOCK_N=t.rows, BLOCK_V=t.cols, BLOCK_D=t.dim,
             num_warps=t.num_warps, num_stages=t.num_stages,
         )  # fmt: skip
     grad = partial[0] if splits == 1 else partial.sum(dim=0)
@@ -295,29 +217,31 @@ def _backward_weight(
     cfg: LaunchConfig, weight_grad: bool, bias_grad: bool,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:  # fmt: skip
     """(d weight (V, D) contiguous, d bias (V,)), each None where not asked for."""
+    from . import triton_kernels as kernels
+
     t = cfg.weight
     device = problem.device
     dw = torch.empty((problem.vocab, problem.dim), dtype=problem.dtype, device=device) if weight_grad else None
     db = torch.empty(problem.vocab, dtype=problem.bias.dtype, device=device) if bias_grad else None
     scratch = None
     if weight_grad:
-        scratch = torch.zeros((cfg.weight_programs, t.block_v, problem.dim), dtype=torch.float32, device=device)
+        scratch = torch.zeros((cfg.weight_programs, t.cols, problem.dim), dtype=torch.float32, device=device)
     on_target, uniform = _grad_scalars(problem)
     unused = lse  # any tensor stands in for an output that is not written
-    with _on(device):
+    with tu.on_device(device):
         kernels._bwd_weight_kernel[(cfg.weight_programs,)](
             *ops.args(), lse, coef, coef_max,
             unused if dw is None else dw, unused if db is None else db, unused if scratch is None else scratch,
             *ops.sizes(), on_target, uniform,
             HAS_BIAS=ops.has_bias, WEIGHT_GRAD=weight_grad, BIAS_GRAD=bias_grad,
-            UPCAST=_triton_utils.UPCAST_DOT_OPERANDS, PRECISION=_dot_precision(),
-            BLOCK_N=t.block_n, BLOCK_V=t.block_v, BLOCK_D=t.block_d,
+            UPCAST=tu.UPCAST_DOT_OPERANDS, PRECISION=tu.dot_precision(),
+            BLOCK_N=t.rows, BLOCK_V=t.cols, BLOCK_D=t.dim,
             num_warps=t.num_warps, num_stages=t.num_stages,
         )  # fmt: skip
     return dw, db
 
 
-class _TritonRows(torch.autograd.Function):
+class _LinearCERows(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, options: Options, overrides: LaunchOverrides):
         problem = LinearCEProblem(hidden, weight, targets, bias, options)
@@ -356,10 +280,13 @@ class _TritonRows(torch.autograd.Function):
         return grad_h, grad_w, grad_b, None, None, None
 
 
-def triton_rows(problem: LinearCEProblem, overrides: LaunchOverrides = LaunchOverrides()) -> torch.Tensor:
+def run(problem: LinearCEProblem, overrides: LaunchOverrides = NO_OVERRIDES) -> torch.Tensor:
     """Per-row losses (N,) float32 (0 on ignored rows), from the fused Triton kernels.
 
-    Differentiable w.r.t. hidden, weight and bias. ``overrides`` forces launch settings;
+    Differentiable w.r.t. hidden, weight and bias. ``overrides`` forces launch settings
+    (``rows``, ``cols``, ``dim`` tiles, ``split_cols``, weight-gradient ``programs``);
     the result does not depend on them beyond rounding.
     """
-    return _TritonRows.apply(*problem.autograd_inputs(), problem.options, overrides)
+    return _LinearCERows.apply(
+        problem.hidden, problem.weight, problem.bias, problem.targets, problem.options, overrides
+    )

@@ -24,9 +24,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-# A finite "minus infinity": the running max starts here, and masked logits take it, so
-# exp(NEG - m) is exactly 0 without producing inf - inf = nan.
-NEG = tl.constexpr(-1.0e30)
+from .._triton_jit import NEG, online_step, store_stat
 
 # Planes of the forward's (STATS, splits, N) float32 statistics buffer: 0 the running
 # max m, 1 sum exp(z - m), 2 the target logit, 3 sum_j z_ij (label smoothing only).
@@ -73,12 +71,6 @@ def _logit_grads(z, lse, coef, targets, rows, cols, N, hi, on_target, uniform):
 
 
 @triton.jit
-def _store_stat(stats_ptr, plane, split, num_splits, N, rows, value):
-    offs = (plane * num_splits + split).to(tl.int64) * N + rows
-    tl.store(stats_ptr + offs, value, mask=rows < N)
-
-
-@triton.jit
 def _fwd_kernel(
     h_ptr, w_ptr, b_ptr, t_ptr, stats_ptr,
     N, V, D, stride_hn, stride_hd, stride_wv, stride_wd, split_cols, num_splits,
@@ -109,19 +101,18 @@ def _fwd_kernel(
         )  # fmt: skip
         col_ok = (cols < hi)[None, :]
         zm = tl.where(col_ok, z, NEG)
-        m_new = tl.maximum(m, tl.max(zm, axis=1))  # every tile has a column < hi: finite
-        sum_exp = sum_exp * tl.exp(m - m_new) + tl.sum(tl.exp(zm - m_new[:, None]), axis=1)
-        m = m_new
+        m, rescale, e = online_step(m, zm)  # every tile has a column < hi: m stays finite
+        sum_exp = sum_exp * rescale + tl.sum(e, axis=1)
         hit = col_ok & (cols.to(tl.int64)[None, :] == targets[:, None])
         target += tl.sum(tl.where(hit, z, 0.0), axis=1)
         if SMOOTH:
             sum_logits += tl.sum(tl.where(col_ok, z, 0.0), axis=1)
 
-    _store_stat(stats_ptr, 0, split, num_splits, N, rows, m)
-    _store_stat(stats_ptr, 1, split, num_splits, N, rows, sum_exp)
-    _store_stat(stats_ptr, 2, split, num_splits, N, rows, target)
+    store_stat(stats_ptr, 0, split, num_splits, N, rows, m)
+    store_stat(stats_ptr, 1, split, num_splits, N, rows, sum_exp)
+    store_stat(stats_ptr, 2, split, num_splits, N, rows, target)
     if SMOOTH:
-        _store_stat(stats_ptr, 3, split, num_splits, N, rows, sum_logits)
+        store_stat(stats_ptr, 3, split, num_splits, N, rows, sum_logits)
 
 
 @triton.jit

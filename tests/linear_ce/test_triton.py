@@ -14,8 +14,9 @@ import pytest
 import torch
 
 from cots_kernels import LinearCrossEntropy, UnsupportedInputError, _dispatch, _triton_utils, linear_cross_entropy
-from cots_kernels.linear_ce import IMPLEMENTATIONS, triton_impl
-from cots_kernels.linear_ce.problem import Options, reduce_rows, validate
+from cots_kernels._triton_utils import LaunchOverrides
+from cots_kernels.linear_ce import IMPLEMENTATIONS, api, triton_impl
+from cots_kernels.linear_ce.problem import Options, validate
 
 from ..helpers import HAS_CUDA, assert_close_to_truth, requires_cuda, requires_triton, triton_device
 from .cases import IGNORE, Inputs, check_impl, make_inputs, run_loss
@@ -29,15 +30,14 @@ def inputs(rows: int, vocab: int, dim: int, **kwargs) -> Inputs:
     return make_inputs(rows, vocab, dim, device=DEVICE, **kwargs)
 
 
-def _with(overrides: triton_impl.LaunchOverrides, **options):
+def _with(overrides: LaunchOverrides, **options):
     """An impl callable running the kernels with forced launch settings."""
 
     def impl(h, w, t, b):
         problem = validate(
             h, w, t, b, Options(IGNORE, options.get("label_smoothing", 0.0), options.get("reduction", "mean"))
         )
-        rows = triton_impl.triton_rows(problem, overrides)
-        return reduce_rows(rows, t != IGNORE, problem.options.reduction)
+        return api.reduce(problem, triton_impl.run(problem, overrides))
 
     return impl
 
@@ -74,11 +74,11 @@ def _problem_of(inp: Inputs, **options) -> object:
 FORCED = [
     # 16-wide tiles: 3 row blocks, 5 vocab tiles in 3 splits of 32 columns, 2 D slices,
     # and 5 vocab blocks shared round-robin by 2 persistent weight programs.
-    triton_impl.LaunchOverrides(block_n=16, block_v=16, block_d=16, split_cols=32, weight_programs=2),
+    LaunchOverrides(rows=16, cols=16, dim=16, split_cols=32, programs=2),
     # 2 splits of 48 columns (3 tiles, then 2 of which the last is partial), 4 programs.
-    triton_impl.LaunchOverrides(block_n=16, block_v=16, block_d=16, split_cols=48, weight_programs=4),
+    LaunchOverrides(rows=16, cols=16, dim=16, split_cols=48, programs=4),
     # One split holding every column, one weight program for every vocab block.
-    triton_impl.LaunchOverrides(block_n=32, block_v=32, split_cols=4096, weight_programs=1),
+    LaunchOverrides(rows=32, cols=32, split_cols=4096, programs=1),
 ]
 
 
@@ -88,8 +88,8 @@ def test_forced_splits_and_tiles(overrides, reduction):
     """Several splits (merged exactly), row blocks, D slices and persistent iterations."""
     inp = inputs(37, 70, 24, seed=3)
     cfg = triton_impl.launch_config(_problem_of(inp), overrides)
-    assert cfg.forward.block_v == (overrides.block_v or 128)
-    assert cfg.weight_programs == overrides.weight_programs
+    assert cfg.forward.cols == (overrides.cols or 128)
+    assert cfg.weight_programs == overrides.programs
     check_impl(_with(overrides, reduction=reduction, label_smoothing=0.1), inp, reduction=reduction,
                label_smoothing=0.1)  # fmt: skip
 
@@ -150,28 +150,28 @@ def test_deterministic():
 
 def test_launch_config_rounds_splits_to_tiles():
     problem = _problem_of(inputs(7, 1000, 48))
-    cfg = triton_impl.launch_config(problem, triton_impl.LaunchOverrides(block_v=32, split_cols=100))
+    cfg = triton_impl.launch_config(problem, LaunchOverrides(cols=32, split_cols=100))
     assert cfg.forward_split_cols == cfg.hidden_split_cols == 128
     assert cfg.weight_programs == 32  # one per 32-column vocab block on the interpreter
-    capped = triton_impl.launch_config(problem, triton_impl.LaunchOverrides(weight_programs=1000))
-    assert capped.weight_programs == -(-1000 // capped.weight.block_v)
+    capped = triton_impl.launch_config(problem, LaunchOverrides(programs=1000))
+    assert capped.weight_programs == -(-1000 // capped.weight.cols)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
 def test_gpu_launch_config_at_the_cots_shapes(monkeypatch, dtype):
     """The pinned GPU settings (computed here for a 132-SM H100) keep >= 1 wave of
     programs per kernel and the float32 buffers beyond the gradients near 32 MiB."""
-    monkeypatch.setattr(triton_impl, "_sm_count", lambda index: 132)
+    monkeypatch.setattr(_triton_utils, "device_limits", lambda index: (132, 232_448))
     for rows, vocab in ((10_240, 8192), (600, 30_522)):
         problem = SimpleNamespace(rows=rows, vocab=vocab, dim=768, device=torch.device("cuda", 0), dtype=dtype)
         cfg = triton_impl.launch_config(problem)
         forward_splits = -(-vocab // cfg.forward_split_cols)
         hidden_splits = -(-vocab // cfg.hidden_split_cols)
-        assert forward_splits * -(-rows // cfg.forward.block_n) >= 132
-        assert hidden_splits * -(-rows // cfg.hidden.block_n) >= 132
-        assert cfg.forward_split_cols >= 4 * cfg.forward.block_v
+        assert forward_splits * -(-rows // cfg.forward.rows) >= 132
+        assert hidden_splits * -(-rows // cfg.hidden.rows) >= 132
+        assert cfg.forward_split_cols >= 4 * cfg.forward.cols
         assert hidden_splits * rows * 768 * 4 <= (32 << 20) + rows * 768 * 4
-        assert cfg.weight_programs == min(132, -(-vocab // cfg.weight.block_v))
+        assert cfg.weight_programs == min(132, -(-vocab // cfg.weight.cols))
 
 
 def test_refusals():

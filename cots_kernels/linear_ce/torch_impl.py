@@ -6,18 +6,16 @@ gradients. Runs on any device; it is the CPU default. Half-precision inputs are 
 in float32: the weight is converted once (a (V, D) float32 copy), each row chunk as it
 is used.
 
-Two autograd Functions, chosen by :func:`chunked_loss`:
+Two autograd Functions, chosen by :func:`run`; both return per-row losses (N,):
 
 - ``_GradsInForward`` (reduction "sum"/"mean" with a gradient wanted): the forward
-  computes the loss *and* the gradients of hidden, weight and bias chunk by chunk, while
-  each chunk's logits are at hand; backward only scales them by the upstream scalar.
-  That is 3 matrix products of size N x V x D in all, as many as the reference, where
-  recomputing the logits in backward would take 4: on the 2-core CI machine (float32,
-  D = 256, forward+backward) recomputation took 1.4x the time of this path at both
-  N = 2048, V = 8,192 and N = 600, V = 30,522, which put it behind the reference. It
-  needs the upstream gradient to be one scalar, which a reduced loss guarantees; the
-  gradients are computed whenever autograd records the call, even if backward never
-  runs (evaluate under ``torch.no_grad()``).
+  computes the losses *and* the gradients of hidden, weight and bias chunk by chunk,
+  while each chunk's logits are at hand; backward only scales them. That is 3 matrix
+  products of size N x V x D in all, as many as the reference, where recomputing the
+  logits in backward takes 4 (measured in ``benchmarks/results/cpu_chunk_sweep.json``).
+  It relies on what a sum or mean over the rows guarantees: every row receives the same
+  upstream gradient. The gradients are computed whenever autograd records the call, even
+  if backward never runs (evaluate under ``torch.no_grad()``).
 - ``_Recompute`` (reduction "none", or no gradient wanted): the forward saves only the
   per-row log-sum-exp (N,); backward recomputes each chunk's logits and forms
   dz = g_i (softmax - (1 - eps) one-hot - eps / V) with the per-row upstream g_i.
@@ -28,18 +26,14 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
-from .problem import LinearCEProblem, Options, reduce_rows
+from .. import _checks
+from .problem import LinearCEProblem, Options
 
 # Rows per chunk: about CHUNK_ELEMENTS logits (2^23 float32, 32 MiB: 1,024 rows at
 # V = 8,192) but at least MIN_CHUNK_ROWS, the rows split evenly over the chunks. Thin
-# chunks lose twice on the 2-core CI machine: the (chunk, V) @ (V, D) products run at
-# half speed below ~256 rows, and each big tensor op of a chunk is a parallel region
-# that waits for both cores, which costs a scheduler slice whenever another process
-# holds one. Measured (float32 forward+backward, interleaved runs, min of 5): at
-# N = 2048, V = 8,192, D = 256, 512- and 1,024-row chunks took 180 and 210 ms against
-# the reference's 270 ms on an idle machine, 640 and 490 ms against 560 ms on a loaded
-# one, where 128-row chunks took 770 ms; at N = 600, V = 30,522, 300-row chunks took
-# 240 ms against 330 ms (idle), 128-row chunks 850 ms against 620 ms (loaded).
+# chunks are slower on a CPU (small matrix products run below peak, and every chunk's
+# parallel regions wait for all cores): ``python -m benchmarks.sweep_chunks`` measures
+# the choice (benchmarks/results/cpu_chunk_sweep.json).
 CHUNK_ELEMENTS = 1 << 23
 MIN_CHUNK_ROWS = 256
 
@@ -127,20 +121,19 @@ def _safe(targets: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
 
 
 class _GradsInForward(torch.autograd.Function):
+    """Per-row losses whose gradients are computed in the forward, for a unit upstream
+    gradient on every row, and scaled in backward. Exact for any per-row upstream on
+    hidden; on weight and bias it takes every row's upstream to be the same, which a sum
+    or mean over the rows guarantees (:func:`run` uses it only then)."""
+
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, options: Options, chunk: int, needs: tuple[bool, bool, bool]):
-        acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+        acc = _checks.acc_dtype(hidden.dtype)
         ops = _Operands(weight, bias, acc)
         eps = options.label_smoothing
         valid = targets != options.ignore_index
-        count = valid.sum()
-        # d loss / d loss_i for a non-ignored row: 1 for "sum", 1 / count for "mean"
-        # (clamped so that an all-ignored batch gives 0 gradients, not 0 * inf).
-        scale = torch.ones((), dtype=acc, device=hidden.device)
-        if options.reduction == "mean":
-            scale = scale / count.clamp_min(1).to(acc)
         grads = _Accumulators(hidden, weight, bias, needs, acc)
-        total = torch.zeros((), dtype=acc, device=hidden.device)
+        rows = torch.zeros(hidden.shape[0], dtype=acc, device=hidden.device)
         for start in range(0, hidden.shape[0], chunk):
             stop = min(start + chunk, hidden.shape[0])
             h = hidden[start:stop].to(acc)  # (C, D)
@@ -149,28 +142,36 @@ class _GradsInForward(torch.autograd.Function):
             z = ops.logits(h)  # (C, V)
             target_term = _target_terms(z, safe, eps)
             lse, sum_exp = _exp_shifted_(z)  # z now holds exp(z - max)
-            total += torch.where(ok, lse - target_term, 0.0).sum()
-            coef = torch.where(ok, scale, 0.0)  # (C,)
+            rows[start:stop] = torch.where(ok, lse - target_term, 0.0)
+            coef = ok.to(acc)  # (C,): a unit upstream gradient on each non-ignored row
             dz = _to_logit_grads_(z.mul_((coef / sum_exp)[:, None]), coef, safe, eps)
             grads.add(dz, h, start, stop, ops)
             del z, dz  # free this chunk before the next one is allocated
-        loss = total if options.reduction == "sum" else total / count.to(acc)  # mean of none: NaN
-        ctx.save_for_backward(grads.hidden, grads.weight, grads.bias)
+        ctx.save_for_backward(grads.hidden, grads.weight, grads.bias, valid)
         ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
-        return loss
+        ctx.acc = acc
+        return rows
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_loss):
-        saved = ctx.saved_tensors
-        out = [None if g is None else (g * grad_loss).to(dt) for g, dt in zip(saved, ctx.dtypes)]
+    def backward(ctx, grad_rows):
+        d_hidden, d_weight, d_bias, valid = ctx.saved_tensors
+        # Ignored rows get no gradient, also where their upstream is inf (the mean of an
+        # all-ignored batch divides by 0; PyTorch's gradients are 0 there).
+        coef = torch.where(valid, grad_rows.to(ctx.acc), 0.0)
+        uniform = coef[valid.int().argmax()] if coef.numel() else coef.sum()  # a valid row's value; no host sync
+        out = [
+            None if d_hidden is None else (coef[:, None] * d_hidden).to(ctx.dtypes[0]),
+            None if d_weight is None else (uniform * d_weight).to(ctx.dtypes[1]),
+            None if d_bias is None else (uniform * d_bias).to(ctx.dtypes[2]),
+        ]
         return out[0], out[1], out[2], None, None, None, None
 
 
 class _Recompute(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, options: Options, chunk: int):
-        acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+        acc = _checks.acc_dtype(hidden.dtype)
         ops = _Operands(weight, bias, acc)
         eps = options.label_smoothing
         valid = targets != options.ignore_index
@@ -218,30 +219,24 @@ class _Recompute(torch.autograd.Function):
         return out[0], out[1], out[2], None, None, None
 
 
-def chunked_loss(
-    problem: LinearCEProblem, chunk: int | None = None, grads_in_forward: bool | None = None
-) -> torch.Tensor:
-    """The reduced loss in the accumulation dtype; differentiable w.r.t. hidden, weight, bias.
+def run(problem: LinearCEProblem, chunk: int | None = None, grads_in_forward: bool | None = None) -> torch.Tensor:
+    """Per-row losses (N,) in the accumulation dtype, 0 on ignored rows; differentiable
+    w.r.t. hidden, weight and bias.
 
     ``chunk`` overrides the rows per chunk (default :func:`default_chunk`).
     ``grads_in_forward`` forces one Function (default: gradients in the forward exactly
     when the reduction is "sum"/"mean" and autograd will want a gradient); forcing it
-    True without a reduction is refused.
+    True without a reduction is refused, since only a reduction makes every row's
+    upstream gradient equal.
     """
-    hidden, weight, bias, targets = problem.autograd_inputs()
+    hidden, weight, bias, targets = problem.hidden, problem.weight, problem.bias, problem.targets
     options = problem.options
     chunk = chunk or default_chunk(problem.rows, problem.vocab)
-    needs = (
-        hidden.requires_grad,
-        weight.requires_grad,
-        bias is not None and bias.requires_grad,
-    )
-    wanted = torch.is_grad_enabled() and any(needs)
+    needs = (hidden.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad)
     if grads_in_forward is None:
-        grads_in_forward = wanted and options.reduction != "none"
+        grads_in_forward = torch.is_grad_enabled() and any(needs) and options.reduction != "none"
     if grads_in_forward:
         if options.reduction == "none":
             raise ValueError("gradients in the forward need a reduced loss (reduction 'sum' or 'mean')")
         return _GradsInForward.apply(hidden, weight, bias, targets, options, chunk, needs)
-    rows = _Recompute.apply(hidden, weight, bias, targets, options, chunk)
-    return reduce_rows(rows, targets != options.ignore_index, options.reduction)
+    return _Recompute.apply(hidden, weight, bias, targets, options, chunk)
