@@ -1,5 +1,5 @@
 """The queue contrastive loss with KL alignment (COTS instance and task levels)."""
 
-from .loss import IMPLEMENTATIONS, ContrastiveOutput, CotsContrastiveLoss, cots_contrastive_loss
+from .api import IMPLEMENTATIONS, ContrastiveOutput, CotsContrastiveLoss, cots_contrastive_loss
 
 __all__ = ["IMPLEMENTATIONS", "ContrastiveOutput", "CotsContrastiveLoss", "cots_contrastive_loss"]

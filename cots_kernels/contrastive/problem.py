@@ -1,8 +1,8 @@
 """The validated inputs of the queue contrastive loss, shared by every implementation.
 
 Each implementation computes the three per-row terms (i2t_r, t2i_r, KL_r) of
-``contrastive-math.md``; weights, the total and the reduction are applied on those
-(B,)-vectors by :mod:`cots_kernels.contrastive.loss`, so the kernels never see them.
+``docs/contrastive-math.md``; weights, the total and the reduction are applied on those
+(B,)-vectors by :mod:`cots_kernels.contrastive.api`, so the kernels never see them.
 """
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ from dataclasses import dataclass
 
 import torch
 
+from .. import _checks
+
 KL_DIRECTIONS = ("i2t_t2i", "t2i_i2t", "symmetric")
-REDUCTIONS = ("none", "sum", "mean")
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 Temperature = float | int | torch.Tensor
 
@@ -91,19 +91,10 @@ class ContrastiveProblem:
 
     @property
     def acc_dtype(self) -> torch.dtype:
-        return torch.float64 if self.dtype == torch.float64 else torch.float32
-
-    @property
-    def keys_need_grad(self) -> bool:
-        return self.image_keys.requires_grad or self.text_keys.requires_grad
-
-    def autograd_inputs(self) -> tuple[torch.Tensor | None, ...]:
-        """(scale, image_query, text_query, image_keys, text_keys, image_queue, text_queue):
-        the tensor arguments, in order, of every implementation's autograd.Function."""
-        return (self.scale, *self.tensors())
+        return _checks.acc_dtype(self.dtype)
 
     def tensors(self) -> tuple[torch.Tensor | None, ...]:
-        """Every tensor of the problem, in argument order (None for absent queues)."""
+        """Every embedding tensor of the problem, in argument order (None for absent queues)."""
         return (
             self.image_query,
             self.text_query,
@@ -112,21 +103,6 @@ class ContrastiveProblem:
             self.image_queue,
             self.text_queue,
         )
-
-
-def _check_tensor(name: str, t: object, ndim: int) -> torch.Tensor:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
-    if t.dim() != ndim:
-        raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(t.shape)}")
-    return t
-
-
-def _check_finite(name: str, t: torch.Tensor) -> None:
-    if not bool(torch.isfinite(t).all()):
-        raise ValueError(f"{name} contains non-finite values (inf or nan)")
 
 
 def _scale_from_temperature(temperature: Temperature, like: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
@@ -153,6 +129,11 @@ def _scale_from_temperature(temperature: Temperature, like: torch.Tensor, acc: t
     return torch.tensor(1.0 / value, dtype=acc, device=like.device)
 
 
+def _check_pair(name_a: str, a: torch.Tensor, name_b: str, b: torch.Tensor, what: str) -> None:
+    if a.shape != b.shape:
+        raise ValueError(f"{name_a} {tuple(a.shape)} and {name_b} {tuple(b.shape)} must have the same shape ({what})")
+
+
 def validate(
     image_query: torch.Tensor,
     text_query: torch.Tensor,
@@ -169,70 +150,65 @@ def validate(
     Raises:
         TypeError: a non-tensor, an integer or unsupported dtype, a bad option type.
         ValueError: wrong ranks or shapes, mismatched embedding dims, queues of different
-            lengths or given alone, offset out of range, empty batch, mixed devices, a
-            non-positive or non-finite temperature, unknown option values, and with
-            ``check_finite`` non-finite embeddings.
+            lengths or given alone, too few key rows for the batch and its offset, empty
+            batch, mixed devices, a non-positive or non-finite temperature, unknown option
+            values, and with ``check_finite`` non-finite embeddings.
     """
-    qi = _check_tensor("image_query", image_query, 2)
-    qt = _check_tensor("text_query", text_query, 2)
-    ki = _check_tensor("image_keys", image_keys, 2)
-    kt = _check_tensor("text_keys", text_keys, 2)
-    if qi.shape != qt.shape:
-        raise ValueError(f"image_query {tuple(qi.shape)} and text_query {tuple(qt.shape)} must have the same shape")
-    if qi.dtype != qt.dtype:
-        raise TypeError(f"image_query ({qi.dtype}) and text_query ({qt.dtype}) must share a dtype")
+    qi = _checks.float_tensor("image_query", image_query, 2)
+    qt = _checks.float_tensor("text_query", text_query, 2)
+    ki = _checks.float_tensor("image_keys", image_keys, 2)
+    kt = _checks.float_tensor("text_keys", text_keys, 2)
+    _check_pair("image_query", qi, "text_query", qt, "row r of each is pair r")
+    _checks.same_dtype(image_query=qi, text_query=qt)
     batch, dim = qi.shape
     if batch == 0:
         raise ValueError("empty batch: image_query has 0 rows")
     if dim == 0:
         raise ValueError("embedding dim is 0")
-    if ki.shape != kt.shape:
-        raise ValueError(f"image_keys {tuple(ki.shape)} and text_keys {tuple(kt.shape)} must have the same shape")
+    _check_pair("image_keys", ki, "text_keys", kt, "row j of each is pair j")
     if ki.shape[1] != dim:
-        raise ValueError(f"keys have embedding dim {ki.shape[1]} but queries have {dim}")
+        raise ValueError(f"image_keys and text_keys have embedding dim {ki.shape[1]} but the queries have {dim}")
     if (image_queue is None) != (text_queue is None):
         raise ValueError("image_queue and text_queue must both be given or both be None")
-    Qi = Qt = None
+    ui = ut = None
     if image_queue is not None:
-        Qi = _check_tensor("image_queue", image_queue, 2)
-        Qt = _check_tensor("text_queue", text_queue, 2)
-        if Qi.shape[0] != Qt.shape[0]:
+        ui = _checks.float_tensor("image_queue", image_queue, 2)
+        ut = _checks.float_tensor("text_queue", text_queue, 2)
+        if ui.shape[0] != ut.shape[0]:
             raise ValueError(
-                f"image_queue has {Qi.shape[0]} rows and text_queue {Qt.shape[0]}: "
+                f"image_queue has {ui.shape[0]} rows and text_queue {ut.shape[0]}: "
                 "the queues are index-aligned and must have the same length"
             )
-        for name, q in (("image_queue", Qi), ("text_queue", Qt)):
-            if q.shape[1] != dim:
-                raise ValueError(f"{name} has embedding dim {q.shape[1]} but queries have {dim}")
-            if q.requires_grad:
+        for name, queue in (("image_queue", ui), ("text_queue", ut)):
+            if queue.shape[1] != dim:
+                raise ValueError(f"{name} has embedding dim {queue.shape[1]} but the queries have {dim}")
+            if queue.requires_grad:
                 raise ValueError(f"{name} requires grad, but queues never get a gradient; detach it")
+    _checks.same_device(
+        image_query=qi, text_query=qt, image_keys=ki, text_keys=kt, image_queue=ui, text_queue=ut
+    )  # fmt: skip
 
-    tensors = {"image_query": qi, "text_query": qt, "image_keys": ki, "text_keys": kt}
-    if Qi is not None:
-        tensors.update(image_queue=Qi, text_queue=Qt)
-    devices = {name: t.device for name, t in tensors.items()}
-    if len(set(devices.values())) > 1:
-        listing = ", ".join(f"{n} on {d}" for n, d in devices.items())
-        raise ValueError(f"all embeddings must be on one device, got {listing}")
-
-    if not isinstance(options.positive_offset, int) or isinstance(options.positive_offset, bool):
-        raise TypeError(f"positive_offset must be an int, got {type(options.positive_offset).__name__}")
-    if not 0 <= options.positive_offset <= ki.shape[0] - batch:
+    offset = _checks.integer("positive_offset", options.positive_offset)
+    if offset < 0:
+        raise ValueError(f"positive_offset must be >= 0, got {offset}")
+    if ki.shape[0] < batch + offset:
         raise ValueError(
-            f"positive_offset={options.positive_offset} out of range: the positives are key rows "
-            f"offset..offset+B-1, so it must lie in [0, Bk - B] = [0, {ki.shape[0] - batch}] "
-            f"(B={batch}, Bk={ki.shape[0]})"
+            f"image_keys and text_keys have {ki.shape[0]} rows, but the positives of the B = {batch} "
+            f"queries are key rows {offset}..{offset + batch - 1} (positive_offset = {offset}): the keys "
+            f"need at least B + positive_offset = {batch + offset} rows"
         )
-    if options.kl_direction not in KL_DIRECTIONS:
-        raise ValueError(f"kl_direction must be one of {KL_DIRECTIONS}, got {options.kl_direction!r}")
-    alpha = options.distill_alpha
-    if not (isinstance(alpha, (int, float)) and math.isfinite(alpha) and 0.0 <= alpha <= 1.0):
-        raise ValueError(f"distill_alpha must be a number in [0, 1], got {alpha!r}")
+    options = RowOptions(
+        offset,
+        _checks.boolean("in_batch_negatives", options.in_batch_negatives),
+        _checks.choice("kl_direction", options.kl_direction, KL_DIRECTIONS),
+        _checks.real("distill_alpha", options.distill_alpha, low=0.0, high=1.0),
+    )
 
     if check_finite:
-        for name, t in tensors.items():
-            _check_finite(name, t)
+        for name, t in zip(("image_query", "text_query", "image_keys", "text_keys", "image_queue", "text_queue"),
+                           (qi, qt, ki, kt, ui, ut)):  # fmt: skip
+            if t is not None:
+                _checks.finite_values(name, t)
 
-    acc = torch.float64 if qi.dtype == torch.float64 else torch.float32
-    scale = _scale_from_temperature(temperature, qi, acc)
-    return ContrastiveProblem(qi, qt, ki, kt, Qi, Qt, scale, options)
+    scale = _scale_from_temperature(temperature, qi, _checks.acc_dtype(qi.dtype))
+    return ContrastiveProblem(qi, qt, ki, kt, ui, ut, scale, options)

@@ -1,7 +1,7 @@
 """The materialised PyTorch formula of the queue contrastive loss: the oracle.
 
 Written for clarity, not speed: it concatenates the batch keys and the queues and
-builds the full (B, Bk + Q) logits, exactly as ``contrastive-math.md`` states the loss.
+builds the full (B, Bk + Q) logits, exactly as ``docs/contrastive-math.md`` states the loss.
 Tests compare every other implementation against it (in float64 as ground truth) and
 benchmarks measure against it. Autograd provides all gradients.
 """
@@ -19,7 +19,14 @@ def _candidates(keys: torch.Tensor, queue: torch.Tensor | None, dtype: torch.dty
     return keys if queue is None else torch.cat([keys, queue.to(dtype)])  # (N, D)
 
 
-def reference_rows(problem: ContrastiveProblem) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def why_not(problem: ContrastiveProblem, auto: bool) -> str | None:
+    """The reference runs any valid input, but only when asked for by name (the test oracle)."""
+    if auto:
+        return "the reference materialises the (B, Bk + Q) logits; it runs only when asked for"
+    return None
+
+
+def run(problem: ContrastiveProblem) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-row (i2t, t2i, KL) terms, each (B,), computed in the queries' dtype.
 
     The results are returned in the accumulation dtype (float32, or float64 for float64

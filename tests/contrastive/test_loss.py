@@ -16,7 +16,7 @@ from cots_kernels import (
     _dispatch,
     cots_contrastive_loss,
 )
-from cots_kernels.contrastive import IMPLEMENTATIONS, chunked
+from cots_kernels.contrastive import IMPLEMENTATIONS, torch_impl
 from cots_kernels.contrastive.problem import RowOptions, validate
 
 from .cases import check_impl, make_inputs, run_loss
@@ -30,13 +30,64 @@ SIZES = [  # (B, Bk, Q, D): awkward sizes, no queue, empty and single-row queues
 ]
 
 
-@pytest.mark.parametrize("impl", ["torch", "reference"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("size", SIZES, ids=str)
-def test_default_options_every_dtype_and_size(impl, dtype, size):
+def test_default_options_every_dtype_and_size(dtype, size):
     batch, num_keys, queue, dim = size
     inputs = make_inputs(batch, num_keys, queue, dim, dtype=dtype, keys_grad=True)
-    check_impl(impl, inputs, positive_offset=num_keys - batch)
+    check_impl("torch", inputs, positive_offset=num_keys - batch)
+
+
+def _oracle_terms(inputs, offset, in_batch, direction, alpha):
+    """The three per-row terms written out row by row from the definitions (p, q the
+    two softmaxes over each row's candidates, y, z the targets), independent of the
+    reference's masked matrix form; differentiable, float64."""
+    qi, qt, ki, kt = inputs.image_query, inputs.text_query, inputs.image_keys, inputs.text_keys
+    texts = kt if inputs.text_queue is None else torch.cat([kt, inputs.text_queue])
+    images = ki if inputs.image_queue is None else torch.cat([ki, inputs.image_queue])
+    s = 1 / inputs.temperature
+    rows = []
+    for r in range(qi.shape[0]):
+        pos = offset + r
+        keep = [j for j in range(texts.shape[0]) if in_batch or j >= ki.shape[0] or j == pos]
+        at = keep.index(pos)
+        lp = torch.log_softmax(s * texts[keep] @ qi[r], dim=0)
+        lq = torch.log_softmax(s * images[keep] @ qt[r], dim=0)
+        y = torch.zeros_like(lp).index_fill(0, torch.tensor([at]), 1.0)
+        z = y.clone()
+        if alpha > 0:
+            with torch.no_grad():
+                y = alpha * torch.softmax(s * texts[keep] @ ki[pos], dim=0) + (1 - alpha) * y
+                z = alpha * torch.softmax(s * images[keep] @ kt[pos], dim=0) + (1 - alpha) * z
+        kl_pq = (lp.exp() * (lp - lq)).sum()
+        kl_qp = (lq.exp() * (lq - lp)).sum()
+        kl = {"i2t_t2i": kl_pq, "t2i_i2t": kl_qp, "symmetric": (kl_pq + kl_qp) / 2}[direction]
+        rows.append(torch.stack([-(y * lp).sum(), -(z * lq).sum(), kl]))
+    return torch.stack(rows).unbind(1)
+
+
+@pytest.mark.parametrize(
+    "in_batch,kl_direction,alpha",
+    list(itertools.product([True, False], ["i2t_t2i", "t2i_i2t", "symmetric"], [0.0, 0.4])),
+)
+def test_reference_against_the_definitions(in_batch, kl_direction, alpha):
+    """The oracle every other path is measured against, checked on its own in float64."""
+    inputs = make_inputs(5, 8, 11, 16, dtype=torch.float64, keys_grad=True, seed=21)
+    options = dict(positive_offset=2, in_batch_negatives=in_batch, kl_direction=kl_direction, distill_alpha=alpha)
+    ours = cots_contrastive_loss(
+        inputs.image_query, inputs.text_query, inputs.image_keys, inputs.text_keys, inputs.image_queue,
+        inputs.text_queue, inputs.temperature, kl_weight=0.7, reduction="none", impl="reference", **options,
+    )  # fmt: skip
+    i2t, t2i, kl = _oracle_terms(inputs, 2, in_batch, kl_direction, alpha)
+    expected = (0.5 * (i2t + t2i) + 0.7 * kl, i2t, t2i, kl)
+    leaves = [inputs.image_query, inputs.text_query, inputs.image_keys, inputs.text_keys, inputs.temperature]
+    for got, want in zip(ours, expected):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    mix = torch.linspace(-1, 2, 5, dtype=torch.float64)
+    grads = torch.autograd.grad((ours.loss * mix).sum(), leaves)
+    expected_grads = torch.autograd.grad((expected[0] * mix).sum(), leaves)
+    for got, want in zip(grads, expected_grads):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
 
 
 OPTION_GRID = list(
@@ -67,7 +118,7 @@ def test_torch_path_every_option_combination(in_batch, kl_direction, alpha, redu
 @pytest.mark.parametrize("chunk_elements", [1, 13 * 5, 13 * 64])
 def test_torch_path_chunk_boundaries(monkeypatch, chunk_elements):
     """Chunks of 1 and 5 columns and one that splits the batch keys mid-way."""
-    monkeypatch.setattr(chunked, "CHUNK_ELEMENTS", chunk_elements)
+    monkeypatch.setattr(torch_impl, "CHUNK_ELEMENTS", chunk_elements)
     inputs = make_inputs(13, 17, 70, 48, keys_grad=True, weights=True, seed=2)
     check_impl("torch", inputs, positive_offset=4, distill_alpha=0.4, kl_direction="symmetric")
 
@@ -288,6 +339,12 @@ def _good():
         (dict(image_query=torch.ones(4, 8, dtype=torch.int64)), TypeError, "image_query must be float"),
         (dict(text_query=torch.randn(4, 8).double()), TypeError, "share a dtype"),
         (dict(image_keys=torch.randn(6)), ValueError, "image_keys must be 2-D"),
+        # Fewer keys than queries: the keys are named, with both sizes (not the offset's range).
+        (
+            dict(image_keys=torch.randn(2, 8), text_keys=torch.randn(2, 8)),
+            ValueError,
+            r"image_keys and text_keys have 2 rows, but .* B = 4 queries.*at least B \+ positive_offset = 4",
+        ),
         (dict(image_query=[[0.0] * 8] * 4), TypeError, "image_query must be a torch.Tensor"),
         (dict(image_queue=torch.randn(10, 8, device="meta")), ValueError, "one device"),
         (dict(image_queue=torch.randn(10, 8, requires_grad=True)), ValueError, "never get a gradient"),
@@ -302,7 +359,7 @@ def test_bad_tensors_are_named(change, error, match):
 @pytest.mark.parametrize(
     "kwargs,error,match",
     [
-        (dict(positive_offset=3), ValueError, r"positive_offset=3 out of range.*\[0, 2\]"),
+        (dict(positive_offset=3), ValueError, r"keys have 6 rows.*rows 3\.\.6 \(positive_offset = 3\).*at least.* = 7"),
         (dict(positive_offset=-1), ValueError, "positive_offset"),
         (dict(positive_offset=1.0), TypeError, "positive_offset must be an int"),
         (dict(temperature=0.0), ValueError, "temperature must be positive"),
@@ -359,17 +416,20 @@ def test_module_rejects_bad_bounds():
 
 
 @pytest.mark.parametrize("impl", ["torch", "reference"])
-def test_autocast_does_not_change_the_computation(impl):
-    """Under bf16 autocast (how users train) the loss computes in its inputs' dtype."""
+def test_autocast_casts_queries_and_keys_as_a_matmul_would(impl):
+    """Under bf16 autocast (how users train) float32 queries and keys are cast to bf16
+    first, as ``query @ keys.T`` would be, while the queues stay as stored; the terms
+    stay float32 and the gradients come back in float32, the inputs' dtype."""
     gen = torch.Generator().manual_seed(0)
     emb = [F.normalize(torch.randn(6, 16, generator=gen), dim=1).requires_grad_() for _ in range(2)]
     keys = [F.normalize(torch.randn(6, 16, generator=gen), dim=1) for _ in range(2)]
     queue = [F.normalize(torch.randn(20, 16, generator=gen), dim=1) for _ in range(2)]
-    plain = cots_contrastive_loss(*emb, *keys, *queue, 0.07, impl=impl).loss
-    plain_grads = torch.autograd.grad(plain, emb)
+    half = [e.detach().bfloat16().requires_grad_() for e in emb]
+    plain = cots_contrastive_loss(*half, *(k.bfloat16() for k in keys), *queue, 0.07, impl=impl).loss
+    plain_grads = torch.autograd.grad(plain, half)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss = cots_contrastive_loss(*emb, *keys, *queue, 0.07, impl=impl).loss
     grads = torch.autograd.grad(loss, emb)
-    assert torch.equal(loss, plain)
+    assert loss.dtype == torch.float32 and torch.equal(loss, plain)
     for g, p in zip(grads, plain_grads):
-        assert torch.equal(g, p)
+        assert g.dtype == torch.float32 and torch.equal(g, p.float())

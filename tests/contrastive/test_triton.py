@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from cots_kernels import CotsContrastiveLoss, UnsupportedInputError, _dispatch, _triton_utils, cots_contrastive_loss
-from cots_kernels.contrastive import IMPLEMENTATIONS, chunked, reference, triton_impl
+from cots_kernels._triton_utils import LaunchOverrides
+from cots_kernels.contrastive import IMPLEMENTATIONS, reference, torch_impl, triton_impl
 from cots_kernels.contrastive.problem import RowOptions, validate
 
 from ..helpers import HAS_CUDA, assert_close_to_truth, requires_cuda, requires_triton, triton_device
@@ -131,9 +132,9 @@ SPLIT_CASES = [
     # (B, Bk, overrides): 9 + 1000 columns in 9 or 5 splits of 128-wide tiles; then 16-wide
     # tiles, so that 3 row blocks, 3 key blocks, 4-tile splits and 3-tile diagonal and key
     # loops all run.
-    (7, 9, triton_impl.LaunchOverrides(split_cols=128)),
-    (7, 9, triton_impl.LaunchOverrides(split_cols=256)),
-    (37, 45, triton_impl.LaunchOverrides(split_cols=64, block_m=16, block_n=16)),
+    (7, 9, LaunchOverrides(split_cols=128)),
+    (7, 9, LaunchOverrides(split_cols=256)),
+    (37, 45, LaunchOverrides(split_cols=64, rows=16, cols=16)),
 ]
 
 
@@ -141,7 +142,7 @@ SPLIT_CASES = [
 @pytest.mark.parametrize("in_batch", [True, False])
 def test_forced_splits_and_tiles(batch, num_keys, overrides, in_batch):
     """Several splits (merged exactly), row blocks and tiles must not change the result."""
-    queue = 1000 if overrides.block_m is None else 200
+    queue = 1000 if overrides.rows is None else 200
     inp = inputs(batch, num_keys, queue, 48, keys_grad=True)
     options = dict(positive_offset=num_keys - batch, in_batch_negatives=in_batch, kl_direction="symmetric",
                    distill_alpha=0.4)  # fmt: skip
@@ -157,9 +158,9 @@ def test_forced_splits_and_tiles(batch, num_keys, overrides, in_batch):
         leaves = [getattr(fresh, n) for n in fresh.grad_names]
         return [o.detach() for o in out] + list(torch.autograd.grad(loss, leaves))
 
-    actual = outputs_and_grads(lambda p: triton_impl.triton_rows(p, overrides), torch.float32)
-    baseline = outputs_and_grads(chunked.chunked_rows, torch.float32)
-    truth = outputs_and_grads(reference.reference_rows, torch.float64)
+    actual = outputs_and_grads(lambda p: triton_impl.run(p, overrides), torch.float32)
+    baseline = outputs_and_grads(torch_impl.run, torch.float32)
+    truth = outputs_and_grads(reference.run, torch.float64)
     names = ["i2t", "t2i", "kl"] + inp.grad_names
     for name, a, b, t in zip(names, actual, baseline, truth):
         assert_close_to_truth(a, t, b, factor=2.0, atol=2e-5, name=name)
@@ -168,10 +169,10 @@ def test_forced_splits_and_tiles(batch, num_keys, overrides, in_batch):
 def test_launch_config_rounds_split_to_tiles():
     problem = _problem_of(inputs(7, 7, 5000, 200))
     for backward in (False, True):
-        overrides = triton_impl.LaunchOverrides(split_cols=100)
+        overrides = LaunchOverrides(split_cols=100)
         cfg = triton_impl.launch_config(problem, backward=backward, overrides=overrides)
-        assert cfg.block_d == 256 and cfg.block_m >= 16 and cfg.block_n >= 16
-        assert cfg.split_cols % cfg.block_n == 0 and cfg.split_cols >= 100
+        assert cfg.tiles.dim == 256 and cfg.tiles.rows >= 16 and cfg.tiles.cols >= 16
+        assert cfg.split_cols % cfg.tiles.cols == 0 and cfg.split_cols >= 100
 
 
 @pytest.mark.parametrize(

@@ -1,9 +1,10 @@
-"""Public API of the queue contrastive loss with KL alignment.
+"""Public API of the queue contrastive loss with KL alignment: dispatch, the function and
+the module form.
 
-Every implementation returns the per-row terms (i2t_r, t2i_r, KL_r); this module
-applies the KL weight, the per-pair weights and the reduction on those (B,)-vectors, so
-autograd hands each implementation's backward exactly the per-row coefficients c1, c2,
-c3 of ``contrastive-math.md`` (and ``None`` for a term nothing depends on).
+Every implementation returns the per-row terms (i2t_r, t2i_r, KL_r); this module applies
+the KL weight, the per-pair weights and the reduction on those (B,)-vectors, so autograd
+hands each implementation's backward exactly the per-row coefficients c1, c2, c3 of
+``docs/contrastive-math.md`` (and ``None`` for a term nothing depends on).
 """
 
 from __future__ import annotations
@@ -14,21 +15,14 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from .. import _dispatch
-from . import chunked, reference, triton_impl
-from .problem import REDUCTIONS, ContrastiveProblem, RowOptions, Temperature, validate
-
-
-def _reference_why_not(problem: ContrastiveProblem, auto: bool) -> str | None:
-    if auto:
-        return "the reference materialises the (B, Bk + Q) logits; it runs only when asked for"
-    return None
-
+from .. import _checks, _dispatch
+from . import reference, torch_impl, triton_impl
+from .problem import ContrastiveProblem, RowOptions, Temperature, validate
 
 IMPLEMENTATIONS = (
-    _dispatch.Implementation("triton", triton_impl.why_not, triton_impl.triton_rows),
-    _dispatch.Implementation("torch", chunked.why_not, chunked.chunked_rows),
-    _dispatch.Implementation("reference", _reference_why_not, reference.reference_rows),
+    _dispatch.Implementation("triton", triton_impl.why_not, triton_impl.run),
+    _dispatch.Implementation("torch", torch_impl.why_not, torch_impl.run),
+    _dispatch.Implementation("reference", reference.why_not, reference.run),
 )
 """Implementations in order of preference for ``impl="auto"``."""
 
@@ -58,25 +52,22 @@ def _check_weight(sample_weight: torch.Tensor | None, problem: ContrastiveProble
     if not sample_weight.is_floating_point():
         raise TypeError(f"sample_weight must be a floating tensor, got {sample_weight.dtype}")
     if sample_weight.shape != (problem.batch,):
-        raise ValueError(f"sample_weight must have shape (B,) = ({problem.batch},), got {tuple(sample_weight.shape)}")
+        raise ValueError(
+            f"sample_weight must have shape (B,) = ({problem.batch},) with B = image_query's rows, "
+            f"got {tuple(sample_weight.shape)}"
+        )
     if sample_weight.device != problem.device:
         raise ValueError(f"sample_weight is on {sample_weight.device} but the embeddings are on {problem.device}")
     return sample_weight.to(problem.acc_dtype)
 
 
-def _reduce(terms: torch.Tensor, weight: torch.Tensor | None, reduction: str) -> torch.Tensor:
-    if weight is not None:
-        terms = terms * weight
-    if reduction == "none":
-        return terms
-    total = terms.sum()
-    if reduction == "sum":
-        return total
+def reduce(terms: torch.Tensor, weight: torch.Tensor | None, reduction: str) -> torch.Tensor:
+    """Weight the per-row ``terms`` (B,) and reduce them: "mean" divides by the total
+    weight, as F.cross_entropy does with class weights (by B without weights). When
+    every weight is 0 the sum is exactly 0, and so are the mean and its gradients."""
     if weight is None:
-        return total / terms.shape[0]
-    # As F.cross_entropy with class weights: divide by the total weight. When every
-    # weight is 0 the sum is exactly 0, and so are the mean and its gradients.
-    return total / weight.sum().clamp_min(torch.finfo(weight.dtype).tiny)
+        return _checks.reduce_rows(terms, reduction, terms.shape[0])
+    return _checks.reduce_rows(terms * weight, reduction, weight.sum().clamp_min(torch.finfo(weight.dtype).tiny))
 
 
 def cots_contrastive_loss(
@@ -104,7 +95,7 @@ def cots_contrastive_loss(
     ``text_queue``) and text queries against the image candidates (``image_keys`` then
     ``image_queue``); the positive of query row r is key row ``positive_offset + r``.
     The two candidate segments are never concatenated and, outside ``impl="reference"``,
-    the (B, Bk + Q) logits never exist in memory. See ``contrastive-math.md``.
+    the (B, Bk + Q) logits never exist in memory. See ``docs/contrastive-math.md``.
 
     Args:
         image_query: (B, D) online image embeddings (normalise them yourself).
@@ -133,40 +124,36 @@ def cots_contrastive_loss(
 
     Returns:
         :class:`ContrastiveOutput` of float32 tensors (float64 for float64 queries).
+        Under autocast the queries and keys are cast to the autocast dtype first, as a
+        materialised ``query @ keys.T`` would be (queues stay as stored: tiles are
+        converted as they are read), and the terms stay float32.
 
     Raises:
         TypeError, ValueError: bad input, naming the argument (see ``problem.validate``).
         cots_kernels.UnsupportedInputError: an explicit ``impl`` cannot run the input.
     """
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    if isinstance(kl_weight, bool) or not isinstance(kl_weight, (int, float)):
-        raise TypeError(f"kl_weight must be a number, got {type(kl_weight).__name__}")
-    if not (math.isfinite(kl_weight) and kl_weight >= 0):
-        raise ValueError(f"kl_weight must be finite and >= 0, got {kl_weight}")
-    if not isinstance(in_batch_negatives, bool):
-        raise TypeError(f"in_batch_negatives must be a bool, got {type(in_batch_negatives).__name__}")
-    options = RowOptions(positive_offset, in_batch_negatives, kl_direction, float(distill_alpha))
+    _checks.choice("reduction", reduction, _checks.REDUCTIONS)
+    kl_weight = _checks.real("kl_weight", kl_weight, low=0.0)
+    options = RowOptions(positive_offset, in_batch_negatives, kl_direction, distill_alpha)
+    image_query, text_query, image_keys, text_keys = _checks.autocast_inputs(
+        image_query, text_query, image_keys, text_keys
+    )
     problem = validate(
         image_query, text_query, image_keys, text_keys, image_queue, text_queue,
         temperature, options, check_finite=check_finite,
     )  # fmt: skip
     weight = _check_weight(sample_weight, problem)
     implementation = _dispatch.choose(IMPLEMENTATIONS, impl, problem, "cots_contrastive_loss")
-
-    # Autocast would re-cast the torch path's chunk matmuls in the forward but not in
-    # its recomputing backward (outside the autocast region): the inputs' dtypes are the
-    # op's contract, as for any fused op.
-    with torch.autocast(image_query.device.type, enabled=False):
+    with torch.autocast(problem.device.type, enabled=False):  # the dtypes are settled above
         i2t, t2i, kl = implementation.run(problem)  # (B,) each
     total = 0.5 * (i2t + t2i)
     if kl_weight != 0:
         total = total + kl_weight * kl
     return ContrastiveOutput(
-        loss=_reduce(total, weight, reduction),
-        i2t=_reduce(i2t, weight, reduction),
-        t2i=_reduce(t2i, weight, reduction),
-        kl=_reduce(kl, weight, reduction),
+        loss=reduce(total, weight, reduction),
+        i2t=reduce(i2t, weight, reduction),
+        t2i=reduce(t2i, weight, reduction),
+        kl=reduce(kl, weight, reduction),
     )
 
 
@@ -228,8 +215,11 @@ class CotsContrastiveLoss(nn.Module):
         image_queue: torch.Tensor | None = None,
         text_queue: torch.Tensor | None = None,
         sample_weight: torch.Tensor | None = None,
+        positive_offset: int | None = None,
     ) -> ContrastiveOutput:
-        """Shapes as in :func:`cots_contrastive_loss`."""
+        """Shapes as in :func:`cots_contrastive_loss`; ``positive_offset``, when given,
+        replaces the constructor's for this call (a rank's offset into gathered keys)."""
+        options = self.options if positive_offset is None else {**self.options, "positive_offset": positive_offset}
         temperature = self.temperature
         if self.learnable_temperature:
             with torch.no_grad():
@@ -237,7 +227,7 @@ class CotsContrastiveLoss(nn.Module):
             temperature = self.temperature.to(image_query.device)
         return cots_contrastive_loss(
             image_query, text_query, image_keys, text_keys, image_queue, text_queue,
-            temperature, sample_weight=sample_weight, **self.options,
+            temperature, sample_weight=sample_weight, **options,
         )  # fmt: skip
 
     def extra_repr(self) -> str:
