@@ -1,6 +1,5 @@
-"""Attention with key padding masks: Triton flash-style kernels, SDPA fallback, module."""
+"""Attention with key padding masks: Triton flash-style kernels, SDPA fallback, the layer."""
 
-from .api import IMPLEMENTATIONS, attention
-from .module import SelfAttention
+from .api import IMPLEMENTATIONS, SelfAttention, attention
 
 __all__ = ["IMPLEMENTATIONS", "SelfAttention", "attention"]

@@ -1,34 +1,19 @@
-"""Public API of attention with key padding masks: dispatch, validation, implementations."""
+"""Public API of attention with key padding masks: dispatch, the function and the
+self-attention layer that is its module form."""
 
 from __future__ import annotations
 
 import torch
+from torch import nn
 
-from .. import _dispatch
-from .._triton_utils import why_not_triton
-from . import reference, sdpa
-from .problem import AttentionProblem, validate
-
-
-def _triton_why_not(problem: AttentionProblem, auto: bool) -> str | None:
-    reason = why_not_triton(problem.q, auto=auto)
-    if reason is not None:
-        return reason
-    from . import triton_impl  # imports Triton: deferred until a Triton device is in play
-
-    return triton_impl.why_not(problem)
-
-
-def _triton_run(problem: AttentionProblem) -> torch.Tensor:
-    from . import triton_impl
-
-    return triton_impl.triton_attention(problem)
-
+from .. import _checks, _dispatch
+from . import reference, torch_impl, triton_impl
+from .problem import validate
 
 IMPLEMENTATIONS = (
-    _dispatch.Implementation("triton", _triton_why_not, _triton_run),
-    _dispatch.Implementation("sdpa", sdpa.why_not, sdpa.sdpa_attention),
-    _dispatch.Implementation("reference", reference.why_not, reference.reference_attention),
+    _dispatch.Implementation("triton", triton_impl.why_not, triton_impl.run),
+    _dispatch.Implementation("sdpa", torch_impl.why_not, torch_impl.run),
+    _dispatch.Implementation("reference", reference.why_not, reference.run),
 )
 """Implementations in order of preference for ``impl="auto"``."""
 
@@ -72,7 +57,8 @@ def attention(
             materialised softmax; the test oracle).
 
     Returns:
-        out: (batch_size, nheads, seqlen_q, headdim_v) in the inputs' dtype. A query row
+        out: (batch_size, nheads, seqlen_q, headdim_v) in the inputs' dtype (under
+        autocast q, k and v are cast to the autocast dtype first, as SDPA casts them). A query row
         that sees no key (every key masked) is zero, and its gradient is zero. The
         Triton output is laid out as (batch_size, seqlen_q, nheads, headdim) in memory,
         so ``out.transpose(1, 2).reshape(B, Lq, -1)`` needs no copy.
@@ -82,5 +68,71 @@ def attention(
         cots_kernels.UnsupportedInputError: an explicit ``impl`` cannot run the input;
             the message says why.
     """
+    q, k, v = _checks.autocast_inputs(q, k, v)
     problem = validate(q, k, v, key_padding_mask, causal, scale, dropout_p)
-    return _dispatch.choose(IMPLEMENTATIONS, impl, problem, "attention").run(problem)
+    implementation = _dispatch.choose(IMPLEMENTATIONS, impl, problem, "attention")
+    with torch.autocast(problem.device.type, enabled=False):  # the dtypes are settled above
+        return implementation.run(problem)
+
+
+class SelfAttention(nn.Module):
+    """Fused QKV projection, attention with an optional key padding mask, output projection.
+
+    Parameters are named as in timm's ViT ``Attention`` (``qkv``: Linear(dim, 3 * dim),
+    output rows ordered q, k, v and head-major within each; ``proj``: Linear(dim, dim)),
+    so a timm ViT block's ``attn`` state dict loads unchanged. A BERT layer's separate
+    query/key/value Linears map by concatenating their weights (and biases) along dim 0
+    in that order.
+
+    Args:
+        dim: model width; a multiple of ``num_heads``.
+        num_heads: number of heads; head dim = dim // num_heads.
+        qkv_bias: whether ``qkv`` has a bias.
+        attn_drop: dropout on the attention probabilities, in training mode only (the
+            Triton kernels have no dropout, so ``impl="auto"`` then runs SDPA).
+        proj_drop: dropout after the output projection.
+        impl: passed to :func:`attention`.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        qkv_bias: bool = True,
+        attn_drop: float = 0.0,
+        proj_drop: float = 0.0,
+        impl: str = "auto",
+    ) -> None:
+        super().__init__()
+        if num_heads <= 0 or dim % num_heads != 0:
+            raise ValueError(f"dim ({dim}) must be a positive multiple of num_heads ({num_heads})")
+        if not 0.0 <= attn_drop < 1.0:
+            raise ValueError(f"attn_drop must lie in [0, 1), got {attn_drop}")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.attn_drop = float(attn_drop)
+        self.impl = impl
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (B, L, dim); key_padding_mask: (B, L) bool, True = a real token. Returns (B, L, dim).
+
+        Padded positions get outputs too (they attend to the real tokens, as in BERT);
+        callers ignore them.
+        """
+        batch, seq, dim = x.shape
+        qkv = self.qkv(x).reshape(batch, seq, 3, self.num_heads, self.head_dim)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, L, d), strided views
+        out = attention(
+            q, k, v, key_padding_mask,
+            dropout_p=self.attn_drop if self.training else 0.0,
+            impl=self.impl,
+        )  # fmt: skip
+        out = out.transpose(1, 2).reshape(batch, seq, dim)  # (B, L, H * d)
+        return self.proj_drop(self.proj(out))
+
+    def extra_repr(self) -> str:
+        heads = f"num_heads={self.num_heads}, head_dim={self.head_dim}"
+        return f"{heads}, attn_drop={self.attn_drop}, impl={self.impl!r}"

@@ -20,7 +20,7 @@ def why_not(problem: AttentionProblem, auto: bool) -> str | None:
     return None
 
 
-def reference_attention(problem: AttentionProblem) -> torch.Tensor:
+def run(problem: AttentionProblem) -> torch.Tensor:
     """(B, H, Lq, dv) attention output in the inputs' dtype."""
     q, k, v = problem.q, problem.k, problem.v
     scores = (q @ k.transpose(-2, -1)) * problem.scale  # (B, H, Lq, Lk)

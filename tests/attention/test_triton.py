@@ -11,7 +11,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cots_kernels import attention
+from cots_kernels import _triton_utils, attention
+from cots_kernels._triton_utils import Tiles
+from cots_kernels.mha import triton_impl
 from cots_kernels.mha.problem import validate
 
 from ..helpers import HAS_CUDA, requires_cuda, requires_triton, triton_device
@@ -22,18 +24,11 @@ pytestmark = requires_triton
 DEVICE = triton_device()
 
 
-def _impl():
-    from cots_kernels.mha import triton_impl
-
-    return triton_impl
-
-
-def small_tiles():
-    ti = _impl()
-    return ti.LaunchConfig(
-        forward=ti.TileConfig(32, 16, 4, 2),
-        backward_dq=ti.TileConfig(16, 32, 4, 2),
-        backward_dkdv=ti.TileConfig(16, 32, 4, 2),
+def small_tiles(head_dim: int = 32):
+    return triton_impl.LaunchConfig(
+        forward=Tiles(32, 16, head_dim, 4, 2),
+        backward_dq=Tiles(16, 32, head_dim, 4, 2),
+        backward_dkdv=Tiles(16, 32, head_dim, 4, 2),
         mask_chunk=16,
     )
 
@@ -41,7 +36,7 @@ def small_tiles():
 def triton_fn(mask, causal=False, scale=None, config=None):
     def fn(q, k, v):
         problem = validate(q, k, v, mask, causal, scale, 0.0)
-        return _impl().triton_attention(problem, config)
+        return triton_impl.run(problem, config)
 
     return fn
 
@@ -83,7 +78,7 @@ def test_head_dims(dim):
 def test_dtypes(dtype, kind, causal):
     qkv = make_qkv(3, 2, 33, 33, 64, seed=13, device=DEVICE)
     mask = make_mask(kind, 3, 33, seed=13, device=DEVICE)
-    check(triton_fn(mask, causal, 0.3, small_tiles()), qkv, dtype, mask, causal, 0.3, name="triton")
+    check(triton_fn(mask, causal, 0.3, small_tiles(64)), qkv, dtype, mask, causal, 0.3, name="triton")
 
 
 def test_padding_outside_the_real_range_is_never_read():
@@ -183,7 +178,7 @@ def test_vit_length_default_tiles():
 def test_native_half_path_in_interpreter(monkeypatch):
     """Without the fp32 cast (the GPU's code path: fp16 tiles into tl.dot, probabilities
     and dS rounded to fp16), which the interpreter runs correctly for fp16."""
-    monkeypatch.setattr(_impl(), "UPCAST_DOT_OPERANDS", False)
+    monkeypatch.setattr(_triton_utils, "UPCAST_DOT_OPERANDS", False)
     qkv = make_qkv(2, 2, 45, 45, 32, seed=21, device=DEVICE)
     mask = make_mask("holes", 2, 45, seed=21, device=DEVICE)
     check(triton_fn(mask, True, config=small_tiles()), qkv, torch.float16, mask, True, name="triton-native")

@@ -34,7 +34,7 @@ def _mask_and_empty_rows(problem: AttentionProblem) -> tuple[torch.Tensor | None
     return allowed | empty, empty
 
 
-def sdpa_attention(problem: AttentionProblem) -> torch.Tensor:
+def run(problem: AttentionProblem) -> torch.Tensor:
     """(B, H, Lq, dv) attention output through ``F.scaled_dot_product_attention``."""
     attn_mask, empty = _mask_and_empty_rows(problem)
     out = F.scaled_dot_product_attention(
