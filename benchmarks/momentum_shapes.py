@@ -160,6 +160,19 @@ def make_pairs(
     return momentum, online
 
 
+@torch.no_grad()
+def torch_foreach_ema_(momentum: list[torch.Tensor], online: list[torch.Tensor], m: float) -> None:
+    """The EMA as a user writes it with torch's own multi-tensor ops (timm's ModelEmaV3):
+    ``_foreach_lerp_`` for same-dtype pairs, ``_foreach_mul_`` + ``_foreach_add_`` for an
+    fp32 copy of 16-bit parameters (lerp refuses mixed dtypes). The peer to beat; its
+    values differ from the naive loop's by a few units in the last place."""
+    if momentum[0].dtype == online[0].dtype:
+        torch._foreach_lerp_(momentum, online, 1.0 - m)
+    else:
+        torch._foreach_mul_(momentum, m)
+        torch._foreach_add_(momentum, online, alpha=1.0 - m)
+
+
 def bytes_moved(momentum: list[torch.Tensor], online: list[torch.Tensor]) -> int:
     """Minimum traffic of one update: read and write each momentum tensor, read each online one."""
     return sum(m.numel() * (2 * m.element_size() + p.element_size()) for m, p in zip(momentum, online))

@@ -17,9 +17,9 @@
 #include "registry.h"
 
 // at::parallel_for is inline: with torch's OpenMP backend its `#pragma omp parallel` is
-// compiled in this file, and is silently ignored without -fopenmp. The update then runs
-// on one thread: 58 ms instead of 48 ms for the 195M fp32 parameters of ViT-B/16 +
-// BERT-base on 2 cores, 20% slower than torch._foreach_lerp_.
+// compiled in this file, and is silently ignored without -fopenmp, which leaves the update
+// on one thread (setup.py passes the flag; benchmarks/results/cpu_chunk_sweep.json holds
+// the one-thread and all-thread times).
 #if AT_PARALLEL_OPENMP && !defined(_OPENMP)
 #pragma message("momentum.cpp: compiled without -fopenmp, at::parallel_for runs on one thread")
 #endif
@@ -368,8 +368,9 @@ void mark_written(const Plan& plan) {
 void update_strided(const Plan& plan, double momentum) {
   const at::NoGradGuard no_grad;
   for (const auto& [m, p] : plan.strided) {
-    // Out of place: `to` returns `p` itself when the dtypes match.
-    m.mul_(momentum).add_(p.to(m.scalar_type()) * (1.0 - momentum));
+    // In the op-math type, one rounding to the copy's dtype at the end, as the kernels.
+    const auto acc = m.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+    m.copy_(m.to(acc) * momentum + p.to(acc) * (1.0 - momentum));
   }
 }
 

@@ -4,7 +4,9 @@
 //     momentum_params[i] = momentum * momentum_params[i] + (1 - momentum) * online_params[i]
 //
 // computed in the momentum tensor's op-math type (fp32, or fp64 for fp64 copies) with the
-// two coefficients rounded to that type first, as `p_m * m + p * (1 - m)` does in torch.
+// two coefficients rounded to that type first and both products rounded before their sum,
+// so an fp32 copy gets the bits of `p_m * m + p * (1 - m)` in PyTorch (docs/momentum.md);
+// a 16-bit copy rounds that fp32 result once.
 #pragma once
 
 // ATen only, not torch/extension.h: the CUDA source includes this header too, and the
@@ -50,9 +52,9 @@ Plan plan_update(
 // so autograd still detects a later use of a saved momentum tensor.
 void mark_written(const Plan& plan);
 
-// The strided pairs' update through ATen ops: m * a + (p * b) with each product rounded
-// to the momentum dtype, as the fused kernels round in fp32 (reduced-precision copies get
-// three roundings here instead of one; such layouts are rare).
+// The strided pairs' update through ATen ops, in the op-math type with one rounding to
+// the momentum dtype at the end, as the fused kernels compute it (through temporaries;
+// such layouts are rare).
 void update_strided(const Plan& plan, double momentum);
 
 // Whether the kernels are instantiated for a pair: the momentum copy has the online

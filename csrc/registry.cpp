@@ -4,7 +4,6 @@
 namespace cots {
 
 void register_all(pybind11::module& m) {
-  (void)m;
   register_momentum(m);
 }
 

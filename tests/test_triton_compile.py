@@ -73,6 +73,7 @@ def recorder(monkeypatch):
 
     from cots_kernels.contrastive import triton_impl as contrastive_impl
     from cots_kernels.linear_ce import triton_impl as linear_ce_impl
+    from cots_kernels.mha import triton_impl as attention_impl
 
     launches: dict[str, dict] = {}
     state = {"label": "", "arch": 90}
@@ -89,15 +90,13 @@ def recorder(monkeypatch):
         key = json.dumps([launch["kernel"], launch["arch"], launch["options"], consts], sort_keys=True)
         launches.setdefault(key, launch)
 
-    for module in (contrastive_impl, linear_ce_impl):
+    for module in (contrastive_impl, linear_ce_impl, attention_impl):
         original = module.launch_config
         monkeypatch.setattr(module, "launch_config", lambda problem, *a, _f=original, **k: _f(_OnGpu(problem), *a, **k))
-    monkeypatch.setattr(contrastive_impl, "_device_limits", lambda index: GPUS[state["arch"]])
-    monkeypatch.setattr(linear_ce_impl, "_sm_count", lambda index: GPUS[state["arch"]][0])
+    monkeypatch.setattr(_triton_utils, "device_limits", lambda index: GPUS[state["arch"]])
     monkeypatch.setattr(InterpretedFunction, "run", record)
-    # The host code passes these to the kernels: record the GPU's values (native bf16 dots).
+    # The host code passes this to the kernels: record the GPU's value (native bf16 dots).
     monkeypatch.setattr(_triton_utils, "UPCAST_DOT_OPERANDS", False)
-    monkeypatch.setattr("cots_kernels.mha.triton_impl.UPCAST_DOT_OPERANDS", False)
     return launches, state
 
 

@@ -32,6 +32,7 @@ from ..momentum_shapes import (
     make_pairs,
     num_parameters,
     tiny_cots_shapes,
+    torch_foreach_ema_,
 )
 
 MOMENTUM = 0.995
@@ -72,6 +73,7 @@ def _bench_update(
 
     runs: dict[str, Callable[[], None]] = {
         "naive": lambda: naive_momentum_update_(ms, ps, MOMENTUM),
+        "torch_foreach": lambda: torch_foreach_ema_(ms, ps, MOMENTUM),
         "foreach": lambda: momentum_update_(ms, ps, MOMENTUM, impl="foreach"),
     }
     for impl in impls:

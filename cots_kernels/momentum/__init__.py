@@ -1,9 +1,9 @@
 """The momentum machinery: the fused in-place EMA update and the momentum encoder."""
 
+from .api import IMPLEMENTATIONS, momentum_update_
 from .encoder import MomentumEncoder
 from .reference import naive_momentum_update_
 from .schedule import MomentumSchedule
-from .update import IMPLEMENTATIONS, momentum_update_
 
 __all__ = [
     "IMPLEMENTATIONS",

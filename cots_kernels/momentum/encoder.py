@@ -11,7 +11,7 @@ from torch import nn
 
 from .problem import is_dense
 from .schedule import MomentumSchedule
-from .update import momentum_update_
+from .api import momentum_update_
 
 MODES = ("eval", "follow")
 

@@ -147,7 +147,8 @@ def flat_walkable(m: torch.Tensor, p: torch.Tensor) -> bool:
 def update_strided_(m: torch.Tensor, p: torch.Tensor, momentum: float) -> None:
     """The update of one pair through ATen ops, for layouts the kernels do not walk.
 
-    Each product is rounded to the momentum dtype, as the compiled kernels' fp32 path
-    rounds (reduced-precision copies get three roundings here instead of one).
+    Computed as the kernels compute it: in the op-math type, one rounding to the
+    momentum dtype at the end (through temporaries; such layouts are rare).
     """
-    m.mul_(momentum).add_(p.to(m.dtype) * (1.0 - momentum))
+    acc = torch.float64 if m.dtype == torch.float64 else torch.float32
+    m.copy_(m.to(acc) * momentum + p.to(acc) * (1.0 - momentum))

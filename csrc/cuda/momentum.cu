@@ -28,21 +28,23 @@ constexpr int kUnroll = 4;
 // percent; apex's 64K-element chunks would make ~8 waves and up to ~12%.
 constexpr int64_t kChunk = 16384;
 
+// m * a + p * b with both products rounded before the sum, as the naive loop's
+// `p_m * m + p * (1 - m)` rounds them in PyTorch: the _rn intrinsics keep nvcc from
+// contracting a product and the sum into one FMA, so the result is the same bits.
 template <typename Acc>
-__device__ __forceinline__ Acc fused_multiply_add(Acc x, Acc y, Acc z);
+__device__ __forceinline__ Acc ema(Acc m, Acc a, Acc p, Acc b);
 
 template <>
-__device__ __forceinline__ float fused_multiply_add<float>(float x, float y, float z) {
-  return fmaf(x, y, z);
+__device__ __forceinline__ float ema<float>(float m, float a, float p, float b) {
+  return __fadd_rn(__fmul_rn(m, a), __fmul_rn(p, b));
 }
 
 template <>
-__device__ __forceinline__ double fused_multiply_add<double>(double x, double y, double z) {
-  return fma(x, y, z);
+__device__ __forceinline__ double ema<double>(double m, double a, double p, double b) {
+  return __dadd_rn(__dmul_rn(m, a), __dmul_rn(p, b));
 }
 
-// m <- fma(m, a, p * b): the naive loop's `p_m * m + p * (1 - m)` with the first
-// product left unrounded (at most one rounding apart from it in fp32).
+// m <- m * a + p * b over one chunk.
 template <typename M, typename P>
 __global__ void __launch_bounds__(kThreads) ema_kernel(
     const int64_t* __restrict__ table,
@@ -80,7 +82,7 @@ __global__ void __launch_bounds__(kThreads) ema_kernel(
         if (pack < packs) {
 #pragma unroll
           for (int j = 0; j < kVec; ++j) {
-            mv[u][j] = fused_multiply_add(mv[u][j], a, pv[u][j] * b);
+            mv[u][j] = ema(mv[u][j], a, pv[u][j], b);
           }
           multi_tensor::store_vec(m + pack * kVec, mv[u]);
         }
@@ -89,8 +91,7 @@ __global__ void __launch_bounds__(kThreads) ema_kernel(
     done = packs * kVec;
   }
   for (int64_t i = done + threadIdx.x; i < n; i += kThreads) {
-    m[i] = static_cast<M>(
-        fused_multiply_add(static_cast<Acc>(m[i]), a, static_cast<Acc>(p[i]) * b));
+    m[i] = static_cast<M>(ema(static_cast<Acc>(m[i]), a, static_cast<Acc>(p[i]), b));
   }
 }
 

@@ -100,19 +100,21 @@ import json, re, sys
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from cots_kernels.momentum import triton_ema
+from cots_kernels.momentum import triton_impl, triton_kernels
 
 tl = triton.language
 signature = {"table_ptr": "*i64", "num_tensors": "i64"}
 signature.update({name: "constexpr" for name in ("ACC", "M_TYPE", "P_TYPE", "CHUNK", "BLOCK", "ALIGNED")})
-constexprs = {"CHUNK": triton_ema.CHUNK, "BLOCK": triton_ema.BLOCK, "ALIGNED": True, "ACC": tl.float32}
+constexprs = {"CHUNK": triton_impl.CHUNK, "BLOCK": triton_impl.BLOCK, "ALIGNED": True, "ACC": tl.float32}
 accesses = {}
 for m_type, p_type in ((tl.float32, tl.float32), (tl.float32, tl.bfloat16), (tl.bfloat16, tl.bfloat16)):
-    source = ASTSource(fn=triton_ema._ema_kernel, signature=signature,
+    source = ASTSource(fn=triton_kernels._ema_kernel, signature=signature,
                        constexprs={**constexprs, "M_TYPE": m_type, "P_TYPE": p_type})
     compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32),
-                              options={"num_warps": triton_ema.NUM_WARPS, "enable_fp_fusion": False})
-    accesses[f"{m_type} <- {p_type}"] = sorted(set(re.findall(r"(?:ld|st)\\.global(?:\\.\\w+)*", compiled.asm["ptx"])))
+                              options={"num_warps": triton_impl.NUM_WARPS, "enable_fp_fusion": False})
+    ptx = compiled.asm["ptx"]
+    # The memory accesses, and any fused multiply-add (the update must round both products).
+    accesses[f"{m_type} <- {p_type}"] = sorted(set(re.findall(r"(?:ld|st)\\.global(?:\\.\\w+)*|fma\\.\\w+", ptx)))
 print(json.dumps(accesses))
 """
 
@@ -132,3 +134,4 @@ def test_triton_kernel_compiles_for_sm90_with_128_bit_accesses():
     for variant, ops in json.loads(result.stdout.strip().splitlines()[-1]).items():
         assert any(op.startswith("ld.global") and ".v4." in op for op in ops), (variant, ops)
         assert any(op.startswith("st.global") and ".v4." in op for op in ops), (variant, ops)
+        assert not any(op.startswith("fma") for op in ops), (variant, ops)

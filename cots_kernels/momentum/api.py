@@ -3,9 +3,11 @@
 Implementations, in order of preference for ``impl="auto"``:
 
 - ``"cuda"``: the compiled multi-tensor CUDA kernel (``csrc/cuda/momentum.cu``).
-- ``"triton"``: the Triton kernel of the same design (:mod:`.triton_ema`).
+- ``"triton"``: the Triton kernel of the same design (:mod:`.triton_impl`).
 - ``"cpu"``: the compiled C++ kernel (``csrc/momentum.cpp``, ``at::parallel_for``).
-- ``"foreach"``: ``torch._foreach_*`` ops (:mod:`.reference`), any device.
+- ``"foreach"``: ``torch._foreach_*`` ops (:mod:`.torch_impl`), any device.
+
+All four compute the same bits (``docs/momentum.md``).
 
 The CUDA kernel comes before Triton provisionally: both are one launch per dtype pair
 and should run at the same bandwidth, and the compiled one builds its chunk table in
@@ -19,68 +21,27 @@ import warnings
 
 import torch
 
-from .. import _dispatch, _extension, _triton_utils
+from .. import _dispatch
+from . import compiled, torch_impl, triton_impl
 from .problem import EmaProblem, Tensors, make_problem
-from .reference import foreach_momentum_update_
-from .triton_ema import triton_momentum_update_
-
-
-def _compiled_why_not(problem: EmaProblem, device_type: str, entry: str) -> str | None:
-    if problem.device.type != device_type:
-        return f"runs on {device_type} tensors only"
-    module = _extension.load()
-    if module is None:
-        return _extension.unavailable_reason()
-    if not hasattr(module, entry):
-        if device_type == "cuda" and not module.with_cuda:
-            return "the compiled extension was built without CUDA (needs a CUDA torch and toolkit)"
-        return f"the compiled extension has no {entry}; rebuild it"
-    return None
-
-
-def _cuda_why_not(problem: EmaProblem, auto: bool) -> str | None:
-    return _compiled_why_not(problem, "cuda", "momentum_update_cuda")
-
-
-def _cpu_why_not(problem: EmaProblem, auto: bool) -> str | None:
-    return _compiled_why_not(problem, "cpu", "momentum_update_cpu")
-
-
-def _triton_why_not(problem: EmaProblem, auto: bool) -> str | None:
-    return _triton_utils.why_not_triton(problem.momentum_params[0], auto=auto)
-
-
-def _foreach_why_not(problem: EmaProblem, auto: bool) -> str | None:
-    return None
-
-
-def _run_cuda(problem: EmaProblem) -> None:
-    _extension.load().momentum_update_cuda(problem.momentum_params, problem.online_params, problem.momentum)
-
-
-def _run_cpu(problem: EmaProblem) -> None:
-    _extension.load().momentum_update_cpu(problem.momentum_params, problem.online_params, problem.momentum)
-
 
 IMPLEMENTATIONS = (
-    _dispatch.Implementation("cuda", _cuda_why_not, _run_cuda),
-    _dispatch.Implementation("triton", _triton_why_not, triton_momentum_update_),
-    _dispatch.Implementation("cpu", _cpu_why_not, _run_cpu),
-    _dispatch.Implementation("foreach", _foreach_why_not, foreach_momentum_update_),
+    _dispatch.Implementation("cuda", compiled.why_not_cuda, compiled.run_cuda),
+    _dispatch.Implementation("triton", triton_impl.why_not, triton_impl.run),
+    _dispatch.Implementation("cpu", compiled.why_not_cpu, compiled.run_cpu),
+    _dispatch.Implementation("foreach", torch_impl.why_not, torch_impl.run),
 )
 """Implementations in order of preference for ``impl="auto"``."""
 
-_COMPILED = {"cuda": IMPLEMENTATIONS[0], "cpu": IMPLEMENTATIONS[2]}
 _NOTIFIED: set[str] = set()
 
 
 def _notify_fallback(problem: EmaProblem, chosen: _dispatch.Implementation) -> None:
     """Warn once per device type when the compiled kernel for it is missing."""
     device_type = problem.device.type
-    compiled = _COMPILED.get(device_type)
-    if compiled is None or chosen is compiled or device_type in _NOTIFIED:
+    if device_type not in ("cuda", "cpu") or chosen.name == device_type or device_type in _NOTIFIED:
         return
-    reason = compiled.why_not(problem, True)
+    reason = _dispatch.by_name(IMPLEMENTATIONS, device_type).why_not(problem, True)
     if reason is None:
         return
     _NOTIFIED.add(device_type)
@@ -104,12 +65,11 @@ def momentum_update_(
     The EMA update of momentum (key) encoders, as MoCo, ALBEF and COTS run it every
     step, in one fused pass over memory: on CUDA one kernel launch per dtype pair
     whatever the number of tensors; on CPU one ``at::parallel_for`` per dtype pair.
-    Values are computed in fp32 (fp64 for fp64 copies) with the coefficients rounded to
-    that type, so fp32 results equal the naive loop ``p_m * m + p * (1 - m)`` up to one
-    rounding (the CUDA and Triton kernels fuse the first product into an FMA; the CPU
-    kernel is bit-exact on x86-64). The ``foreach`` fallback computes
-    ``m + (1 - momentum) * (p - m)`` (torch's lerp), equal up to a few units in the last
-    place.
+    Every implementation computes ``m * momentum + p * (1 - momentum)`` in float32
+    (float64 for float64 copies), both coefficients rounded to that type and both
+    products rounded before their sum: a float32 copy gets exactly the bits of
+    ``m * momentum + p.float() * (1 - momentum)`` in PyTorch, whichever implementation
+    runs; a bfloat16/float16 copy gets that float32 result rounded once.
 
     Args:
         momentum_params: the momentum tensors, updated in place (same storage

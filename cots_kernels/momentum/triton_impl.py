@@ -10,18 +10,13 @@ kernel, as Triton's grouped-GEMM tutorial does), their sizes and the chunk list.
 
 from __future__ import annotations
 
-import contextlib
 import struct
 
 import torch
 from torch.autograd.graph import increment_version
 
-from .._triton_utils import TRITON_INSTALLED
+from .. import _triton_utils as tu
 from .problem import EmaProblem, flat_walkable, group_pairs, update_strided_
-
-if TRITON_INSTALLED:
-    import triton
-    import triton.language as tl
 
 # Launch shape, provisional until measured on an H100 (benchmarks/gpu/momentum.py):
 # 16384-element chunks as in the CUDA kernel (~12,000 programs for ViT-B/16 + BERT-base,
@@ -35,51 +30,6 @@ NUM_WARPS = 4
 # [2, 2+T) momentum addresses, [2+T, 2+2T) online addresses, [2+2T, 2+3T) numels,
 # [2+3T, 2+3T+C) chunk c as (tensor << 32) | chunk index within the tensor.
 _HEADER = 2
-
-if TRITON_INSTALLED:
-    _TL_DTYPES = {
-        torch.float16: tl.float16,
-        torch.bfloat16: tl.bfloat16,
-        torch.float32: tl.float32,
-        torch.float64: tl.float64,
-    }
-
-    @triton.jit
-    def _ema_kernel(
-        table_ptr,
-        num_tensors,
-        ACC: tl.constexpr,
-        M_TYPE: tl.constexpr,
-        P_TYPE: tl.constexpr,
-        CHUNK: tl.constexpr,
-        BLOCK: tl.constexpr,
-        ALIGNED: tl.constexpr,
-    ):
-        pid = tl.program_id(0).to(tl.int64)
-        a = tl.load(table_ptr).to(tl.float64, bitcast=True).to(ACC)
-        b = tl.load(table_ptr + 1).to(tl.float64, bitcast=True).to(ACC)
-        entry = tl.load(table_ptr + 2 + 3 * num_tensors + pid)
-        t = entry >> 32
-        start = (entry & 0xFFFFFFFF) * CHUNK
-        m_ptr = tl.load(table_ptr + 2 + t).to(tl.pointer_type(M_TYPE))
-        p_ptr = tl.load(table_ptr + 2 + num_tensors + t).to(tl.pointer_type(P_TYPE))
-        if ALIGNED:
-            m_ptr = tl.multiple_of(m_ptr, 16)
-            p_ptr = tl.multiple_of(p_ptr, 16)
-        n = tl.minimum(tl.load(table_ptr + 2 + 2 * num_tensors + t) - start, CHUNK)
-        m_ptr += start
-        p_ptr += start
-        for off in range(0, n, BLOCK):
-            offs = off + tl.arange(0, BLOCK)
-            if off + BLOCK <= n:
-                mv = tl.load(m_ptr + offs).to(ACC)
-                pv = tl.load(p_ptr + offs).to(ACC)
-                tl.store(m_ptr + offs, tl.fma(mv, a, pv * b).to(M_TYPE))
-            else:
-                mask = offs < n
-                mv = tl.load(m_ptr + offs, mask=mask).to(ACC)
-                pv = tl.load(p_ptr + offs, mask=mask).to(ACC)
-                tl.store(m_ptr + offs, tl.fma(mv, a, pv * b).to(M_TYPE), mask=mask)
 
 
 def _float64_bits(value: float) -> int:
@@ -109,32 +59,38 @@ def _chunk_table(
 
 
 def _launch(momentum: list[torch.Tensor], online: list[torch.Tensor], coefficient: float, aligned: bool) -> None:
+    from . import triton_kernels as kernels
+
     table, num_chunks = _chunk_table(momentum, online, coefficient)
     m_dtype, p_dtype = momentum[0].dtype, online[0].dtype
-    acc = tl.float64 if m_dtype == torch.float64 else tl.float32
+    acc = kernels.TL_DTYPES[torch.float64 if m_dtype == torch.float64 else torch.float32]
     # The kernel writes through raw addresses, which autograd does not see: bump the
     # version counters so a later use of a saved momentum tensor is still detected.
     for m in momentum:
         increment_version(m)
     device = table.device
-    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
-        _ema_kernel[(num_chunks,)](
+    with tu.on_device(device):
+        kernels._ema_kernel[(num_chunks,)](
             table,
             len(momentum),
             ACC=acc,
-            M_TYPE=_TL_DTYPES[m_dtype],
-            P_TYPE=_TL_DTYPES[p_dtype],
+            M_TYPE=kernels.TL_DTYPES[m_dtype],
+            P_TYPE=kernels.TL_DTYPES[p_dtype],
             CHUNK=CHUNK,
             BLOCK=BLOCK,
             ALIGNED=aligned,
             num_warps=NUM_WARPS,
-            # The products are ordered explicitly (one tl.fma); nothing is left to contract.
+            # Both products are rounded before their sum, as PyTorch rounds them: no FMA.
             enable_fp_fusion=False,
         )
 
 
+def why_not(problem: EmaProblem, auto: bool) -> str | None:
+    return tu.why_not_triton(problem.momentum_params[0], auto=auto)
+
+
 @torch.no_grad()
-def triton_momentum_update_(problem: EmaProblem) -> None:
+def run(problem: EmaProblem) -> None:
     """Run the update with the Triton kernel (inputs checked by ``group_pairs``).
 
     Pairs with other layouts than two equally strided dense tensors go through ATen ops.
