@@ -22,6 +22,21 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def size_of(field: str, dim: int) -> property:
+    """A problem's read-only property: the size of dimension ``dim`` of its tensor ``field``."""
+    return property(lambda self: getattr(self, field).shape[dim], doc=f"{field}.shape[{dim}]")
+
+
+def tensor_properties(field: str) -> tuple[property, property, property]:
+    """A problem's read-only (device, dtype, accumulation dtype) properties, those of its
+    tensor ``field``."""
+    return (
+        property(lambda self: getattr(self, field).device, doc=f"{field}.device"),
+        property(lambda self: getattr(self, field).dtype, doc=f"{field}.dtype"),
+        property(lambda self: acc_dtype(getattr(self, field).dtype), doc=f"acc_dtype({field}.dtype)"),
+    )
+
+
 def float_tensor(name: str, value: object, ndim: int) -> torch.Tensor:
     """``value`` if it is an ``ndim``-D tensor of a supported floating dtype.
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from types import ModuleType
 from typing import Generic, TypeVar
 
 P = TypeVar("P")
@@ -36,6 +37,12 @@ class Implementation(Generic[P]):
     name: str
     why_not: Callable[[P, bool], str | None]
     run: Callable
+
+
+def from_modules(**modules: ModuleType) -> tuple[Implementation, ...]:
+    """Implementations named by keyword, in that order of preference, each from a module
+    that defines ``why_not(problem, auto)`` and ``run(problem)``."""
+    return tuple(Implementation(name, module.why_not, module.run) for name, module in modules.items())
 
 
 def choose(impls: Sequence[Implementation[P]], impl: str, problem: P, op: str) -> Implementation[P]:

@@ -10,6 +10,7 @@ hands each implementation's backward exactly the per-row coefficients c1, c2, c3
 from __future__ import annotations
 
 import math
+from dataclasses import asdict, replace
 from typing import NamedTuple
 
 import torch
@@ -19,11 +20,7 @@ from .. import _checks, _dispatch
 from . import reference, torch_impl, triton_impl
 from .problem import ContrastiveProblem, RowOptions, Temperature, validate
 
-IMPLEMENTATIONS = (
-    _dispatch.Implementation("triton", triton_impl.why_not, triton_impl.run),
-    _dispatch.Implementation("torch", torch_impl.why_not, torch_impl.run),
-    _dispatch.Implementation("reference", reference.why_not, reference.run),
-)
+IMPLEMENTATIONS = _dispatch.from_modules(triton=triton_impl, torch=torch_impl, reference=reference)
 """Implementations in order of preference for ``impl="auto"``."""
 
 
@@ -196,15 +193,10 @@ class CotsContrastiveLoss(nn.Module):
             self.temperature = nn.Parameter(torch.tensor(float(temperature)))
         else:
             self.temperature = float(temperature)
-        self.options = dict(
-            positive_offset=positive_offset,
-            in_batch_negatives=in_batch_negatives,
-            kl_weight=kl_weight,
-            kl_direction=kl_direction,
-            distill_alpha=distill_alpha,
-            reduction=reduction,
-            impl=impl,
-        )
+        self.row_options = RowOptions(positive_offset, in_batch_negatives, kl_direction, distill_alpha)
+        self.kl_weight = kl_weight
+        self.reduction = reduction
+        self.impl = impl
 
     def forward(
         self,
@@ -219,7 +211,9 @@ class CotsContrastiveLoss(nn.Module):
     ) -> ContrastiveOutput:
         """Shapes as in :func:`cots_contrastive_loss`; ``positive_offset``, when given,
         replaces the constructor's for this call (a rank's offset into gathered keys)."""
-        options = self.options if positive_offset is None else {**self.options, "positive_offset": positive_offset}
+        rows = (
+            self.row_options if positive_offset is None else replace(self.row_options, positive_offset=positive_offset)
+        )
         temperature = self.temperature
         if self.learnable_temperature:
             with torch.no_grad():
@@ -227,10 +221,17 @@ class CotsContrastiveLoss(nn.Module):
             temperature = self.temperature.to(image_query.device)
         return cots_contrastive_loss(
             image_query, text_query, image_keys, text_keys, image_queue, text_queue,
-            temperature, sample_weight=sample_weight, **options,
+            temperature, sample_weight=sample_weight, **asdict(rows),
+            kl_weight=self.kl_weight, reduction=self.reduction, impl=self.impl,
         )  # fmt: skip
 
     def extra_repr(self) -> str:
-        options = ", ".join(f"{k}={v!r}" for k, v in self.options.items())
+        settings = {
+            **asdict(self.row_options),
+            "kl_weight": self.kl_weight,
+            "reduction": self.reduction,
+            "impl": self.impl,
+        }
+        options = ", ".join(f"{k}={v!r}" for k, v in settings.items())
         temperature = "learnable" if self.learnable_temperature else f"{self.temperature}"
         return f"temperature={temperature}, {options}"

@@ -65,33 +65,14 @@ class ContrastiveProblem:
     scale: torch.Tensor
     options: RowOptions
 
-    @property
-    def batch(self) -> int:
-        return self.image_query.shape[0]
-
-    @property
-    def num_keys(self) -> int:
-        return self.image_keys.shape[0]
+    batch = _checks.size_of("image_query", 0)
+    num_keys = _checks.size_of("image_keys", 0)
+    dim = _checks.size_of("image_query", 1)
+    device, dtype, acc_dtype = _checks.tensor_properties("image_query")
 
     @property
     def queue_size(self) -> int:
         return 0 if self.image_queue is None else self.image_queue.shape[0]
-
-    @property
-    def dim(self) -> int:
-        return self.image_query.shape[1]
-
-    @property
-    def device(self) -> torch.device:
-        return self.image_query.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.image_query.dtype
-
-    @property
-    def acc_dtype(self) -> torch.dtype:
-        return _checks.acc_dtype(self.dtype)
 
     def tensors(self) -> tuple[torch.Tensor | None, ...]:
         """Every embedding tensor of the problem, in argument order (None for absent queues)."""

@@ -3,7 +3,7 @@
 Shared by the chunked PyTorch path and the Triton kernels, which both accumulate, per
 query row, online statistics over every candidate *but the positive* and compute the
 positive logits apart. Everything the positive column contributes is then formed here
-from the off-positive sums (``docs/contrastive-math.md``, "The positive column"):
+from the off-positive sums (``docs/contrastive-math.md``, "The positive column in backward"):
 the mass off the positive 1 - p_P is the off-positive sum over the total, never
 1 minus a rounded probability, so a row whose positive takes all the probability (one
 candidate, or a saturated softmax) gets a loss and gradients of exactly 0.
@@ -57,8 +57,9 @@ def positive_logits(problem: ContrastiveProblem) -> tuple[torch.Tensor, torch.Te
     text-to-image logits of each row's positive, and the momentum positive
     s <ki_P, kt_P> (the am and bm logits of P alike)."""
     acc, o, batch = problem.acc_dtype, problem.options.positive_offset, problem.batch
-    ki = problem.image_keys[o : o + batch].to(acc)
-    kt = problem.text_keys[o : o + batch].to(acc)
+    # Keys rounded to the queries' dtype first, as every candidate tile is.
+    ki = problem.image_keys[o : o + batch].to(problem.dtype).to(acc)
+    kt = problem.text_keys[o : o + batch].to(problem.dtype).to(acc)
     scale = problem.scale
     a = (problem.image_query.to(acc) * kt).sum(dim=1) * scale
     b = (problem.text_query.to(acc) * ki).sum(dim=1) * scale

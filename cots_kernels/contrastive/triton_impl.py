@@ -62,16 +62,6 @@ def _element_size(problem: ContrastiveProblem) -> int:
     return 2 * widest if problem.dtype == torch.float32 else widest
 
 
-def _smem_bytes(block_m: int, block_n: int, block_d: int, operands: int, elt: int, stages: int) -> int:
-    """Upper bound of a kernel's shared memory: resident query operands + pipelined tiles.
-
-    Offline sm_90 compiles (Triton 3.9, bf16) allocated at most this: 128 KiB for the
-    forward at D = 256, BLOCK_M = 64, BLOCK_N = 32 (estimate 128 KiB), 68 KiB for the
-    backward at BLOCK_M = BLOCK_N = 32 (estimate 96 KiB).
-    """
-    return (operands * block_m + 2 * stages * block_n) * block_d * elt
-
-
 def _smem_bytes(tiles: Tiles, operands: int, elt: int) -> int:
     """Upper bound of a kernel's shared memory: resident query operands + pipelined tiles.
 

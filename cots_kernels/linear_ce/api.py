@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict
+
 import torch
 from torch import nn
 
@@ -9,12 +11,15 @@ from .. import _checks, _dispatch
 from . import reference, torch_impl, triton_impl
 from .problem import LinearCEProblem, Options, check_options, validate
 
-IMPLEMENTATIONS = (
-    _dispatch.Implementation("triton", triton_impl.why_not, triton_impl.run),
-    _dispatch.Implementation("torch", torch_impl.why_not, torch_impl.run),
-    _dispatch.Implementation("reference", reference.why_not, reference.run),
-)
+IMPLEMENTATIONS = _dispatch.from_modules(triton=triton_impl, torch=torch_impl, reference=reference)
 """Implementations in order of preference for ``impl="auto"``."""
+
+
+def reduce(problem: LinearCEProblem, rows: torch.Tensor) -> torch.Tensor:
+    """Apply the problem's reduction to per-row losses (N,) (0 on ignored rows), as
+    ``F.cross_entropy`` does: "mean" is over the non-ignored rows, so a batch whose rows
+    are all ignored gives PyTorch's 0 / 0 = NaN (with zero gradients)."""
+    return _checks.reduce_rows(rows, problem.options.reduction, problem.valid.sum().to(rows.dtype))
 
 
 def linear_cross_entropy(
@@ -77,13 +82,6 @@ def linear_cross_entropy(
         return reduce(problem, implementation.run(problem))
 
 
-def reduce(problem: LinearCEProblem, rows: torch.Tensor) -> torch.Tensor:
-    """Apply the problem's reduction to per-row losses (N,) (0 on ignored rows), as
-    ``F.cross_entropy`` does: "mean" is over the non-ignored rows, so a batch whose rows
-    are all ignored gives PyTorch's 0 / 0 = NaN (with zero gradients)."""
-    return _checks.reduce_rows(rows, problem.options.reduction, problem.valid.sum().to(rows.dtype))
-
-
 class LinearCrossEntropy(nn.Module):
     """Module form of :func:`linear_cross_entropy`: holds the options, not the weight.
 
@@ -106,20 +104,18 @@ class LinearCrossEntropy(nn.Module):
         check_targets: bool = True,
     ) -> None:
         super().__init__()
-        check_options(Options(ignore_index, label_smoothing, reduction))  # fail at construction
-        self.options = dict(
-            ignore_index=ignore_index,
-            label_smoothing=label_smoothing,
-            reduction=reduction,
-            impl=impl,
-            check_targets=check_targets,
-        )
+        self.options = check_options(Options(ignore_index, label_smoothing, reduction))  # fail at construction
+        self.impl = impl
+        self.check_targets = check_targets
 
     def forward(
         self, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, bias: torch.Tensor | None = None
     ) -> torch.Tensor:
         """Shapes as in :func:`linear_cross_entropy`."""
-        return linear_cross_entropy(hidden, weight, targets, bias, **self.options)
+        return linear_cross_entropy(
+            hidden, weight, targets, bias, **asdict(self.options), impl=self.impl, check_targets=self.check_targets
+        )
 
     def extra_repr(self) -> str:
-        return ", ".join(f"{k}={v!r}" for k, v in self.options.items())
+        settings = {**asdict(self.options), "impl": self.impl, "check_targets": self.check_targets}
+        return ", ".join(f"{k}={v!r}" for k, v in settings.items())

@@ -48,30 +48,10 @@ class LinearCEProblem:
     bias: torch.Tensor | None
     options: Options
 
-    @property
-    def rows(self) -> int:
-        return self.hidden.shape[0]
-
-    @property
-    def vocab(self) -> int:
-        return self.weight.shape[0]
-
-    @property
-    def dim(self) -> int:
-        return self.hidden.shape[1]
-
-    @property
-    def device(self) -> torch.device:
-        return self.hidden.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.hidden.dtype
-
-    @property
-    def acc_dtype(self) -> torch.dtype:
-        """The dtype of the loss and of every accumulation: float64 for float64 inputs, else float32."""
-        return _checks.acc_dtype(self.dtype)
+    rows = _checks.size_of("hidden", 0)
+    vocab = _checks.size_of("weight", 0)
+    dim = _checks.size_of("hidden", 1)
+    device, dtype, acc_dtype = _checks.tensor_properties("hidden")  # acc_dtype: of the loss and every sum
 
     @property
     def valid(self) -> torch.Tensor:

@@ -10,11 +10,7 @@ from .. import _checks, _dispatch
 from . import reference, torch_impl, triton_impl
 from .problem import validate
 
-IMPLEMENTATIONS = (
-    _dispatch.Implementation("triton", triton_impl.why_not, triton_impl.run),
-    _dispatch.Implementation("sdpa", torch_impl.why_not, torch_impl.run),
-    _dispatch.Implementation("reference", reference.why_not, reference.run),
-)
+IMPLEMENTATIONS = _dispatch.from_modules(triton=triton_impl, sdpa=torch_impl, reference=reference)
 """Implementations in order of preference for ``impl="auto"``."""
 
 

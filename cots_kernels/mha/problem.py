@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+from .. import _checks
 
 
 @dataclass(frozen=True)
@@ -38,37 +38,13 @@ class AttentionProblem:
     scale: float
     dropout_p: float
 
-    @property
-    def batch(self) -> int:
-        return self.q.shape[0]
-
-    @property
-    def heads(self) -> int:
-        return self.q.shape[1]
-
-    @property
-    def seq_q(self) -> int:
-        return self.q.shape[2]
-
-    @property
-    def seq_k(self) -> int:
-        return self.k.shape[2]
-
-    @property
-    def head_dim(self) -> int:
-        return self.q.shape[3]
-
-    @property
-    def value_dim(self) -> int:
-        return self.v.shape[3]
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.q.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.q.device
+    batch = _checks.size_of("q", 0)
+    heads = _checks.size_of("q", 1)
+    seq_q = _checks.size_of("q", 2)
+    seq_k = _checks.size_of("k", 2)
+    head_dim = _checks.size_of("q", 3)
+    value_dim = _checks.size_of("v", 3)
+    device, dtype, acc_dtype = _checks.tensor_properties("q")
 
 
 def allowed_keys(problem: AttentionProblem) -> torch.Tensor | None:
@@ -88,12 +64,7 @@ def allowed_keys(problem: AttentionProblem) -> torch.Tensor | None:
 
 
 def _check_qkv(name: str, t: object) -> torch.Tensor:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dim() != 4:
-        raise ValueError(f"{name} must be 4-D (B, H, L, d), got shape {tuple(t.shape)}")
-    if t.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
+    t = _checks.float_tensor(name, t, 4)  # (B, H, L, d)
     if t.numel() == 0:
         raise ValueError(f"{name} is empty (shape {tuple(t.shape)}); every size must be at least 1")
     return t
@@ -116,19 +87,7 @@ def _check_mask(mask: object, batch: int, seq_k: int, device: torch.device) -> t
 def _check_scale(scale: object, head_dim: int) -> float:
     if scale is None:
         return 1.0 / math.sqrt(head_dim)
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
-        raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
-    if not (math.isfinite(scale) and scale > 0):
-        raise ValueError(f"scale must be positive and finite, got {scale}")
-    return float(scale)
-
-
-def _check_dropout(dropout_p: object) -> float:
-    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)):
-        raise TypeError(f"dropout_p must be a float, got {type(dropout_p).__name__}")
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout_p must lie in [0, 1), got {dropout_p}")
-    return float(dropout_p)
+    return _checks.real("scale", scale, low=0.0, low_open=True)
 
 
 def validate(
@@ -149,17 +108,15 @@ def validate(
             wrong shape, ``scale`` not positive and finite, ``dropout_p`` outside [0, 1).
     """
     q, k, v = _check_qkv("q", q), _check_qkv("k", k), _check_qkv("v", v)
-    if not (q.dtype == k.dtype == v.dtype):
-        raise TypeError(f"q, k and v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if not (q.device == k.device == v.device):
-        raise ValueError(f"q, k and v must be on one device, got {q.device}, {k.device}, {v.device}")
+    _checks.same_dtype(q=q, k=k, v=v)
+    _checks.same_device(q=q, k=k, v=v)
     if k.shape[:2] != q.shape[:2] or v.shape[:2] != q.shape[:2]:
         raise ValueError(f"q, k and v must share (B, H): q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
     if v.shape[2] != k.shape[2]:
         raise ValueError(f"k and v must have the same length Lk: k {tuple(k.shape)}, v {tuple(v.shape)}")
     if k.shape[3] != q.shape[3]:
         raise ValueError(f"q and k must have the same head dim d: q {tuple(q.shape)}, k {tuple(k.shape)}")
-    if not isinstance(causal, bool):
-        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+    _checks.boolean("causal", causal)
     mask = _check_mask(key_padding_mask, q.shape[0], k.shape[2], q.device)
-    return AttentionProblem(q, k, v, mask, causal, _check_scale(scale, q.shape[3]), _check_dropout(dropout_p))
+    dropout_p = _checks.real("dropout_p", dropout_p, low=0.0, high=1.0, high_open=True)
+    return AttentionProblem(q, k, v, mask, causal, _check_scale(scale, q.shape[3]), dropout_p)

@@ -9,9 +9,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from .api import momentum_update_
 from .problem import is_dense
 from .schedule import MomentumSchedule
-from .api import momentum_update_
 
 MODES = ("eval", "follow")
 

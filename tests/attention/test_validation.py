@@ -55,12 +55,12 @@ def test_bad_mask(mask, error, match):
 @pytest.mark.parametrize(
     "kwargs, error, match",
     [
-        (dict(scale=0.0), ValueError, "scale must be positive"),
-        (dict(scale=float("inf")), ValueError, "scale must be positive"),
-        (dict(scale=torch.tensor(0.1)), TypeError, "scale must be a float"),
+        (dict(scale=0.0), ValueError, "scale must be finite and > 0"),
+        (dict(scale=float("inf")), ValueError, "scale must be finite and > 0"),
+        (dict(scale=torch.tensor(0.1)), TypeError, "scale must be a number"),
         (dict(dropout_p=1.0), ValueError, r"dropout_p must lie in \[0, 1\)"),
         (dict(dropout_p=-0.1), ValueError, "dropout_p"),
-        (dict(dropout_p=None), TypeError, "dropout_p must be a float"),
+        (dict(dropout_p=None), TypeError, "dropout_p must be a number"),
         (dict(causal=1), TypeError, "causal must be a bool"),
         (dict(impl="flash"), ValueError, "unknown impl 'flash'"),
     ],
