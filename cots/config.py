@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -19,9 +19,9 @@ QUEUE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16":
 class COTSConfig:
     """What a :class:`cots.model.COTSModel` is made of.
 
-    Defaults follow ALBEF, the closest public code (see ``docs/COTS.md`` of the design
-    notes): 256-d embeddings, a 65,536-entry queue, momentum 0.995, a learnable
-    temperature starting at 0.07, distillation alpha 0.4, 15% MLM and 40% block-wise MVM.
+    Defaults follow ALBEF, the closest public code (see ``docs/cots.md``): 256-d
+    embeddings, a 65,536-entry queue, momentum 0.995, a learnable temperature starting at
+    0.07, distillation alpha 0.4, 15% MLM and 40% block-wise MVM.
 
     Attributes:
         size: encoder preset, "tiny" (a CPU demo size), "small" or "base" (ViT-B/16 and
@@ -45,6 +45,7 @@ class COTSConfig:
         momentum: EMA momentum of the momentum encoders.
         temperature: initial tau. With ``learnable_temperature`` it is a parameter,
             clamped to [0.001, 0.5] before each forward (ALBEF); otherwise fixed as given.
+        learnable_temperature: learn tau (ALBEF, COTS) or keep it fixed.
         kl_weight: weight of the task-level KL(p_i2t || p_t2i) alignment.
         distill_alpha: ALBEF momentum distillation; 0 gives one-hot targets.
         in_batch_negatives: score queries against the whole (gathered) batch of keys,
@@ -139,8 +140,3 @@ class COTSConfig:
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable copy (``COTSConfig(**d)`` rebuilds it)."""
         return asdict(self)
-
-    @classmethod
-    def field_names(cls) -> list[str]:
-        """Names of the fields, in declaration order."""
-        return [f.name for f in fields(cls)]

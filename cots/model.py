@@ -27,14 +27,13 @@ from cots.encoders import TextEncoder, VisionTransformer, load_hf_bert, load_tim
 from cots_kernels import (
     AdaptiveMomentumFilter,
     ContrastiveOutput,
+    CotsContrastiveLoss,
+    LinearCrossEntropy,
     MomentumEncoder,
     PairedQueue,
-    cots_contrastive_loss,
-    linear_cross_entropy,
 )
 from cots_kernels.distributed import all_gather_rows, rank_and_world
 
-TEMPERATURE_BOUNDS = (0.001, 0.5)  # ALBEF's clamp of the learnable temperature
 TERMS = ("itc", "i2t", "t2i", "kl", "mlm", "mvm", "kept", "temperature")
 
 
@@ -114,6 +113,8 @@ class FusedTokenHead(nn.Module):
 
     h = LayerNorm(GELU(W_f [state; other] + b_f)); logits = h W_d^T + b_d over the
     vocabulary, scored with the fused linear cross-entropy (the logits never exist).
+    Under autocast the op runs the vocabulary matmul in the autocast dtype, as
+    ``F.linear`` would, and returns a float32 loss.
     """
 
     def __init__(self, width: int, other_width: int, vocab_size: int, eps: float, ce_impl: str) -> None:
@@ -121,20 +122,12 @@ class FusedTokenHead(nn.Module):
         self.fuse = nn.Linear(width + other_width, width)
         self.norm = nn.LayerNorm(width, eps=eps)
         self.decoder = nn.Linear(width, vocab_size)
-        self.ce_impl = ce_impl
+        self.loss = LinearCrossEntropy(reduction="sum", impl=ce_impl)
 
     def forward(self, states: torch.Tensor, other: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """states (M, W), other (M, W_other), targets (M,) long. Returns the summed loss (0-dim)."""
-        hidden = self.norm(F.gelu(self.fuse(torch.cat([states, other.to(states.dtype)], dim=-1))))
-        device = hidden.device.type
-        if torch.is_autocast_enabled(device):
-            # LayerNorm leaves autocast in float32; the custom op does not autocast, so cast
-            # here to keep the vocabulary matmul in the autocast dtype (bf16 on a GPU).
-            hidden = hidden.to(torch.get_autocast_dtype(device))
-        return linear_cross_entropy(
-            hidden, self.decoder.weight.to(hidden.dtype), targets, self.decoder.bias.to(hidden.dtype),
-            reduction="sum", impl=self.ce_impl,
-        )  # fmt: skip
+        hidden = self.norm(F.gelu(self.fuse(torch.cat([states, other], dim=-1))))  # (M, W)
+        return self.loss(hidden, self.decoder.weight, targets, self.decoder.bias)
 
 
 class COTSModel(nn.Module):
@@ -166,6 +159,16 @@ class COTSModel(nn.Module):
                     f"but config.visual_vocab_size is {config.visual_vocab_size}"
                 )
         self.config = config
+        # The loss holds tau: a parameter clamped to ALBEF's [0.001, 0.5] before each
+        # forward when learnable, a float otherwise. Registered before the encoders: tau
+        # is then the first parameter, and the parameter order fixes the float summation
+        # order of the clipped global gradient norm.
+        self.contrastive = CotsContrastiveLoss(
+            config.temperature, learnable_temperature=config.learnable_temperature,
+            in_batch_negatives=config.in_batch_negatives, kl_weight=config.kl_weight,
+            distill_alpha=config.distill_alpha, reduction="sum", impl=config.loss_impl,
+        )  # fmt: skip
+        self.register_load_state_dict_pre_hook(_rename_legacy_temperature)
         vision_cfg, text_cfg = config.vision_config(), config.text_config(vocab_size)
         if config.mvm_weight > 0 and getattr(visual_tokenizer, "patch_size", None) != vision_cfg.patch_size:
             raise ValueError(
@@ -186,7 +189,6 @@ class COTSModel(nn.Module):
         self.amf = (
             AdaptiveMomentumFilter(config.queue_size, config.amf_k, config.amf_warmup_steps) if config.amf else None
         )
-        self.temperature = nn.Parameter(torch.tensor(config.temperature), requires_grad=config.learnable_temperature)
         vision_width, text_width = self.image.encoder.width, self.text.encoder.width
         self.mlm_head = (
             FusedTokenHead(text_width, vision_width, vocab_size, text_cfg.layer_norm_eps, config.ce_impl)
@@ -235,9 +237,6 @@ class COTSModel(nn.Module):
         pairs = torch.ones(image_query.shape[0], device=image_query.device) if weight is None else weight
         counts["pairs"] = pairs.sum()
         if cfg.itc_weight > 0:
-            if self.temperature.requires_grad:  # ALBEF clamps the learnable temperature
-                with torch.no_grad():
-                    self.temperature.clamp_(*TEMPERATURE_BOUNDS)
             out = self._instance_loss(image_query, text_query, image_keys, text_keys, weight, rank)
             sums.update(itc=out.loss, i2t=out.i2t, t2i=out.t2i, kl=out.kl)
         if self.mlm_head is not None:
@@ -275,15 +274,12 @@ class COTSModel(nn.Module):
     ) -> ContrastiveOutput:
         """The fused ITC + KL loss against the (gathered) batch keys and the queues, summed over pairs."""
         cfg = self.config
+        keys, offset = (image_keys, text_keys), 0
         if cfg.in_batch_negatives:  # score against the global batch; our positives start at rank * B
-            keys, offset = (all_gather_rows(image_keys), all_gather_rows(text_keys)), rank * image_keys.shape[0]
-        else:
-            keys, offset = (image_keys, text_keys), 0
+            keys, offset = tuple(all_gather_rows(k) for k in keys), rank * image_keys.shape[0]
         queues = self.queue.queues() if self.image_momentum.step >= cfg.queue_warmup_steps else (None, None)
-        return cots_contrastive_loss(
-            image_query, text_query, *keys, *queues, self.temperature,
-            positive_offset=offset, in_batch_negatives=cfg.in_batch_negatives, kl_weight=cfg.kl_weight,
-            distill_alpha=cfg.distill_alpha, sample_weight=weight, reduction="sum", impl=cfg.loss_impl,
+        return self.contrastive(
+            image_query, text_query, *keys, *queues, sample_weight=weight, positive_offset=offset
         )  # fmt: skip
 
     def _combine(
@@ -308,13 +304,24 @@ class COTSModel(nn.Module):
                 loss = loss + weight * world * sums[name].float() / denominator(name)
         terms = {name: global_sum[name] / denominator(name) for name in names}
         terms["kept"] = global_count["pairs"] / (like.shape[0] * world)
-        terms["temperature"] = self.temperature.detach().float().clone()  # not a view of the live parameter
+        terms["temperature"] = self._temperature_term(like)
         terms["loss"] = sum(
             w * terms[n]
             for n, w in (("itc", cfg.itc_weight), ("mlm", cfg.mlm_weight), ("mvm", cfg.mvm_weight))
             if n in terms
         )
         return COTSOutput(loss, terms)
+
+    @property
+    def temperature(self) -> nn.Parameter | float:
+        """tau of the contrastive loss: a parameter when learnable, else a float."""
+        return self.contrastive.temperature
+
+    def _temperature_term(self, like: torch.Tensor) -> torch.Tensor:
+        """tau as a 0-dim float32 tensor on ``like``'s device, not a view of the live parameter."""
+        if isinstance(self.temperature, torch.Tensor):
+            return self.temperature.detach().float().clone()
+        return like.new_full((), self.temperature, dtype=torch.float32)
 
     @torch.no_grad()
     def after_step(self) -> None:
@@ -339,3 +346,11 @@ class COTSModel(nn.Module):
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """input_ids, attention_mask (N, L) -> (N, embed_dim) L2-normalised (online encoder)."""
         return self.text(input_ids, attention_mask)[2]
+
+
+def _rename_legacy_temperature(module: COTSModel, state_dict: dict, prefix: str, *args) -> None:
+    """Checkpoints written before the loss held tau store it as "temperature": move it to
+    the loss's key, or drop it for a fixed tau (which the config gives)."""
+    legacy = state_dict.pop(prefix + "temperature", None)
+    if legacy is not None and module.config.learnable_temperature:
+        state_dict.setdefault(prefix + "contrastive.temperature", legacy)

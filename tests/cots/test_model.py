@@ -120,6 +120,25 @@ def test_state_dict_round_trip_restores_momentum_queue_and_filter():
     assert torch.equal(other(batch).terms["loss"], model(batch).terms["loss"])
 
 
+def test_the_loss_owns_the_temperature_and_older_checkpoints_still_load():
+    torch.manual_seed(0)
+    model = COTSModel(_config(), BrightnessTokenizer(), VOCAB)
+    _train(model, _batch(), steps=2)
+    state = model.state_dict()
+    assert "contrastive.temperature" in state and "temperature" not in state
+    assert model.temperature is model.contrastive.temperature and model.temperature.requires_grad
+    learned = state["contrastive.temperature"].clone()
+    assert learned.item() != pytest.approx(0.07)  # two AdamW steps moved it
+    # A checkpoint written when the model held tau itself: key "temperature".
+    legacy = {("temperature" if k == "contrastive.temperature" else k): v for k, v in state.items()}
+    other = COTSModel(_config(), BrightnessTokenizer(), VOCAB)
+    other.load_state_dict(legacy)
+    assert torch.equal(other.temperature.detach(), learned)
+    fixed = COTSModel(_config(learnable_temperature=False, temperature=0.1), BrightnessTokenizer(), VOCAB)
+    fixed.load_state_dict({k: v for k, v in legacy.items() if k in fixed.state_dict() or k == "temperature"})
+    assert fixed.temperature == 0.1  # a fixed tau comes from the config, not the file
+
+
 def test_encoders_give_normalised_embeddings():
     model = COTSModel(_config(), BrightnessTokenizer(), VOCAB).eval()
     batch = _batch()
