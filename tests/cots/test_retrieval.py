@@ -11,18 +11,18 @@ import pytest
 import torch
 from torch import nn
 
-from cots import retrieval
 from cots.retrieval import (
     chance_recall,
     encode_dataset,
     evaluate,
     retrieval_metrics,
+    search,
     video_retrieval_metrics,
 )
 
 from ..helpers import STRICT
 
-HAS_FAISS = retrieval._resolve_backend("auto") is not None
+HAS_FAISS = search.resolve_backend("auto") is not None
 needs_faiss = pytest.mark.skipif(not (HAS_FAISS or STRICT), reason="faiss not installed")  # CI installs it
 BACKENDS = ["torch", pytest.param("faiss", marks=needs_faiss)]
 KS = (1, 5, 10)
@@ -91,7 +91,7 @@ def test_matches_brute_force(backend, integer):
 def test_faiss_shallow_search_falls_back_to_exact_ranks(monkeypatch):
     # A search depth below the gallery size makes many queries (ranks past the list, ties
     # at its end) take the full-row path.
-    monkeypatch.setattr(retrieval, "_FAISS_SEARCH_DEPTH", 2)
+    monkeypatch.setattr(search, "_FAISS_SEARCH_DEPTH", 2)
     for seed in range(4):
         for integer in (False, True):
             images, texts, owner = random_case(seed, integer)
@@ -273,6 +273,15 @@ def test_encode_dataset(training):
     assert tokenizer.batches == [3, 3, 3, 3]
     assert images.shape == (5, 5) and texts.shape == (12, 5)
     assert owner.tolist() == [i for i, n in enumerate(counts) for _ in range(n)]
+
+
+def test_encode_dataset_progress_bar_on_stderr(capsys):
+    model, tokenizer = CodeModel(3), CodeTokenizer()
+    encode_dataset(model, make_items([1, 2, 1]), tokenizer, batch_size=2, max_len=6)
+    assert capsys.readouterr().err == ""  # no bar unless asked for
+    encode_dataset(model, make_items([1, 2, 1]), tokenizer, batch_size=2, max_len=6, progress=True)
+    err = capsys.readouterr().err
+    assert "encoding: 100%" in err and "3/3" in err
 
 
 @pytest.mark.parametrize("video", [False, True], ids=["image", "video"])
