@@ -87,8 +87,9 @@ setup(
         "triton": ["triton>=3.6"],
         "test": ["pytest>=8", "pytest-benchmark>=5", "ninja"],
         # The cots model layer: faiss for exact retrieval search (torch is the fallback),
-        # matplotlib for the demo's plot, pillow for caption-json image folders.
-        "cots": ["faiss-cpu", "matplotlib", "pillow"],
+        # matplotlib for the demo's plot, pillow for caption-json image folders, tqdm for
+        # progress bars, tokenizers for Hugging Face text tokenizers (data.hf_tokenizer).
+        "cots": ["faiss-cpu", "matplotlib", "pillow", "tqdm", "tokenizers"],
     },
     ext_modules=ext_modules,
     cmdclass=cmdclass,

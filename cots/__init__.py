@@ -6,7 +6,8 @@ A thin model layer composed of the library's ops (no kernel code here):
 - :class:`COTSModel` (:class:`COTSConfig`): momentum encoders, paired queues, ITC + KL,
   masked language and vision modelling, the adaptive momentum filter.
 - :mod:`cots.data`, :mod:`cots.tokenizers`, :mod:`cots.masking`: the embedded synthetic
-  dataset, caption JSON files, word / WordPiece and visual tokenizers, MLM/MVM masking.
+  dataset, caption JSON files, word / WordPiece / Hugging Face and visual tokenizers,
+  MLM/MVM masking.
 - :mod:`cots.training` (``python -m cots.train``, also under ``torchrun``) and
   :mod:`cots.retrieval` (R@K and median rank, faiss or torch).
 - ``python -m cots.demo``: train a tiny COTS on the synthetic data and evaluate it.

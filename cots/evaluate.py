@@ -22,9 +22,9 @@ from torch.utils.data import Dataset
 
 from cots.data import CaptionJsonDataset, MovingShapesDataset, ShapesDataset
 from cots.retrieval import BACKENDS, evaluate, format_metrics
+from cots.training import load_model
 from cots.training.config import TrainConfig
 from cots.training.distributed import resolve_device
-from cots.training.loop import load_model
 
 
 def evaluation_dataset(

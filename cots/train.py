@@ -6,7 +6,7 @@ Examples::
     python -m cots.train --config runs/shapes/config.json --steps 400      # extend, resuming
     torchrun --nproc_per_node 2 -m cots.train --config cots.toml           # DDP
 
-``--help`` lists every key with its default.
+``--help`` lists every flag with its default (:mod:`cots.training.flags`).
 """
 
 from __future__ import annotations
@@ -14,19 +14,19 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-from cots.training import help_text, parse_config, train
+from cots.training import parse_config, train
+from cots.training.flags import PROG, USAGE
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Parse ``argv`` (default: the process arguments), train, and return the exit status."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if "-h" in argv or "--help" in argv:
-        print(help_text())
-        return 0
+    """Parse ``argv`` (default: the process arguments), train, and return the exit status:
+    0, or 2 for a bad command line (the error on stderr, as argparse reports it)."""
     try:
         config = parse_config(argv)
+    except SystemExit as exc:  # --help
+        return exc.code if isinstance(exc.code, int) else 0
     except ValueError as exc:
-        print(f"cots.train: error: {exc}\n(see --help)", file=sys.stderr)
+        print(f"usage: {USAGE}\n{PROG}: error: {exc}", file=sys.stderr)
         return 2
     train(config)
     return 0

@@ -24,6 +24,36 @@ SPECIAL_TOKENS: tuple[str, ...] = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 IdsLike = torch.Tensor | Sequence[int] | Sequence[Sequence[int]]
 
 
+def check_batch(texts: Sequence[str], max_len: int) -> None:
+    """Raise TypeError / ValueError unless ``texts`` is a non-empty sequence of str and ``max_len >= 2``."""
+    if isinstance(texts, str):
+        raise TypeError("texts must be a sequence of strings; wrap a single str in a list")
+    if not isinstance(max_len, int) or max_len < 2:
+        raise ValueError(f"max_len must be an int >= 2 ([CLS] and [SEP]), got {max_len!r}")
+    for i, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise TypeError(f"texts[{i}] must be a str, got {type(text).__name__}")
+    if len(texts) == 0:
+        raise ValueError("texts is empty")
+
+
+def pack_rows(
+    pieces: Sequence[Sequence[int]], max_len: int, *, cls_id: int, sep_id: int, pad_id: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[CLS] ids... [SEP]`` rows, the ids cut to ``max_len - 2``, right-padded to the longest row.
+
+    Returns ``input_ids`` LongTensor (B, L) and ``attention_mask`` BoolTensor (B, L), L <= max_len.
+    """
+    rows = [[cls_id, *ids[: max_len - 2], sep_id] for ids in pieces]
+    length = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), length), dtype=torch.bool)
+    for i, row in enumerate(rows):
+        input_ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+        attention_mask[i, : len(row)] = True
+    return input_ids, attention_mask
+
+
 class _VocabTokenizer:
     """Vocabulary lookup, batch encoding and decoding shared by the tokenizers.
 
@@ -83,25 +113,9 @@ class _VocabTokenizer:
             ``input_ids`` LongTensor (B, L) and ``attention_mask`` BoolTensor (B, L), True on
             real tokens, with ``L <= max_len``.
         """
-        if isinstance(texts, str):
-            raise TypeError("texts must be a sequence of strings; wrap a single str in a list")
-        if not isinstance(max_len, int) or max_len < 2:
-            raise ValueError(f"max_len must be an int >= 2 ([CLS] and [SEP]), got {max_len!r}")
-        rows = []
-        for i, text in enumerate(texts):
-            if not isinstance(text, str):
-                raise TypeError(f"texts[{i}] must be a str, got {type(text).__name__}")
-            ids = [self.token_to_id(t) for t in self.tokenize(text)][: max_len - 2]
-            rows.append([self.cls_id, *ids, self.sep_id])
-        if not rows:
-            raise ValueError("texts is empty")
-        length = max(len(r) for r in rows)
-        input_ids = torch.full((len(rows), length), self.pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(rows), length), dtype=torch.bool)
-        for i, row in enumerate(rows):
-            input_ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
-            attention_mask[i, : len(row)] = True
-        return input_ids, attention_mask
+        check_batch(texts, max_len)
+        pieces = [[self.token_to_id(t) for t in self.tokenize(text)] for text in texts]
+        return pack_rows(pieces, max_len, cls_id=self.cls_id, sep_id=self.sep_id, pad_id=self.pad_id)
 
     def decode(self, ids: IdsLike, *, skip_special: bool = True) -> str | list[str]:
         """Turns ids back into text: a 1-D sequence gives a str, a 2-D one a list of str.

@@ -1,10 +1,10 @@
-"""The typed training configuration: nested dataclasses, loaded from JSON/TOML, overridden by flags.
+"""The typed training configuration: nested dataclasses, loaded from JSON/TOML files.
 
 A config file holds the same nesting as :class:`TrainConfig` (top-level fields plus the
-``model``, ``data`` and ``optim`` tables); every key is optional. Flags override the file:
-``--optim.lr 3e-4``, ``--model.vision.depth 2`` (a key inside a dict field),
-``--steps 100``. Values are converted from the dataclass annotations, and an unknown key
-or a value of the wrong type raises a ``ValueError`` naming the key.
+``model``, ``data`` and ``optim`` tables); every key is optional. Values are converted
+from the dataclass annotations, and an unknown key or a value of the wrong type raises a
+``ValueError`` naming the key. :mod:`cots.training.flags` turns the same fields into the
+command line's flags.
 """
 
 from __future__ import annotations
@@ -41,6 +41,10 @@ class DataConfig:
         image_root: directory the json's image paths are relative to (None: the json's folder).
         vocab_file: a WordPiece vocabulary (one token a line) for "captions"; the
             synthetic datasets build a word vocabulary from their training captions.
+        hf_tokenizer: instead of ``vocab_file`` (and for any dataset): a Hugging Face
+            ``tokenizer.json``, a folder holding one, or a BERT ``vocab.txt``, loaded with
+            the ``tokenizers`` package (:class:`cots.tokenizers.HuggingFaceTokenizer`),
+            which splits each batch's captions in parallel.
         max_len: text length in tokens, [CLS] and [SEP] included.
         eval_captions_json: a caption json to evaluate retrieval on during training
             (e.g. COCO's val split); the synthetic datasets use their own "val" split.
@@ -58,6 +62,7 @@ class DataConfig:
     captions_json: str | None = None
     image_root: str | None = None
     vocab_file: str | None = None
+    hf_tokenizer: str | None = None
     max_len: int = 16
     eval_captions_json: str | None = None
     eval_image_root: str | None = None
@@ -112,7 +117,7 @@ class TrainConfig:
         out_dir: where config.json, log.jsonl and checkpoints/ go; None writes nothing.
         resume: "auto" (the latest checkpoint in out_dir, if any), a checkpoint path, or
             None to start afresh.
-        progress: show a progress bar on stderr (rank 0).
+        progress: show progress bars on stderr (tqdm; rank 0).
     """
 
     model: COTSConfig = field(default_factory=COTSConfig)
@@ -144,7 +149,7 @@ class TrainConfig:
             if not isinstance(value, cls):
                 raise TypeError(f"{name} must be a {cls.__name__}, got {type(value).__name__}")
         for name, owner in (("precision", self), ("dataset", self.data)):
-            allowed = typing.get_args(_hints(type(owner))[name])
+            allowed = typing.get_args(field_types(type(owner))[name])
             if getattr(owner, name) not in allowed:
                 prefix = "data." if owner is self.data else ""
                 raise ValueError(f"{prefix}{name} must be one of {allowed}, got {getattr(owner, name)!r}")
@@ -185,8 +190,13 @@ class TrainConfig:
             raise ValueError(f"optim.min_lr_ratio must lie in [0, 1], got {self.optim.min_lr_ratio!r}")
         if not all(0.0 <= b < 1.0 for b in self.optim.betas):
             raise ValueError(f"optim.betas must lie in [0, 1), got {self.optim.betas!r}")
-        if self.data.dataset == "captions" and not (self.data.captions_json and self.data.vocab_file):
-            raise ValueError('data.dataset "captions" needs data.captions_json and data.vocab_file')
+        if self.data.vocab_file is not None and self.data.hf_tokenizer is not None:
+            raise ValueError("set one of data.vocab_file and data.hf_tokenizer, not both")
+        has_tokenizer = bool(self.data.vocab_file or self.data.hf_tokenizer)
+        if self.data.dataset == "captions" and not (self.data.captions_json and has_tokenizer):
+            raise ValueError(
+                'data.dataset "captions" needs data.captions_json and data.vocab_file (or data.hf_tokenizer)'
+            )
         if self.data.dataset != "captions" and self.data.train_size < self.batch_size:
             raise ValueError(
                 f"data.train_size ({self.data.train_size}) must be at least batch_size ({self.batch_size})"
@@ -221,7 +231,8 @@ class TrainConfig:
 # Conversion from mappings (files) and strings (flags), driven by the annotations.
 
 
-def _hints(cls: type) -> dict[str, Any]:
+def field_types(cls: type) -> dict[str, Any]:
+    """The resolved annotation of each field of dataclass ``cls``."""
     # The modules use `from __future__ import annotations`: resolve the strings.
     return typing.get_type_hints(cls)
 
@@ -232,7 +243,7 @@ def _type_name(tp: Any) -> str:
     return str(tp).replace("typing.", "")
 
 
-def _convert(value: Any, tp: Any, key: str) -> Any:
+def convert_value(value: Any, tp: Any, key: str) -> Any:
     """``value`` (from a file or a flag string) as type ``tp``; ValueError naming ``key``."""
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin in (Union, types.UnionType):
@@ -242,7 +253,7 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
         errors = []
         for arg in (a for a in args if a is not type(None)):
             try:
-                return _convert(value, arg, key)
+                return convert_value(value, arg, key)
             except ValueError as exc:
                 errors.append(str(exc))
         raise ValueError(errors[0] if len(errors) == 1 else f"{key}: {value!r} is not a {_type_name(tp)}")
@@ -294,7 +305,7 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
         item_types = args if not (len(args) == 2 and args[1] is Ellipsis) else (args[0],) * len(value)
         if len(item_types) != len(value):
             raise ValueError(f"{key} must have {len(item_types)} items, got {value!r}")
-        return tuple(_convert(v, t, f"{key}[{i}]") for i, (v, t) in enumerate(zip(value, item_types, strict=True)))
+        return tuple(convert_value(v, t, f"{key}[{i}]") for i, (v, t) in enumerate(zip(value, item_types, strict=True)))
     if origin is dict:
         if isinstance(value, str):
             try:
@@ -319,13 +330,13 @@ def from_mapping(cls: type, data: Mapping[str, Any], *, prefix: str = "") -> Any
     Raises:
         ValueError: an unknown key or a value that does not convert, naming the full key.
     """
-    hints = _hints(cls)
+    hints = field_types(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
     for key, value in data.items():
         if key not in hints:
             raise _unknown_key(prefix + key, names)
-        kwargs[key] = _convert(value, hints[key], prefix + key)
+        kwargs[key] = convert_value(value, hints[key], prefix + key)
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as exc:
@@ -351,132 +362,3 @@ def load_file(path: str | os.PathLike) -> dict[str, Any]:
             raise ValueError(f"config file {str(path)!r} must hold a JSON object")
         return data
     raise ValueError(f"config file {str(path)!r} must end in .json or .toml")
-
-
-def _set_path(tree: dict[str, Any], key: str, value: str) -> None:
-    """Set ``tree[a][b][c] = value`` for ``key`` "a.b.c", checking each name against the
-    dataclass fields. Below a dict field (e.g. ``model.vision.depth``) names are free and
-    the value is read as JSON when it parses (numbers, booleans), else kept as a string:
-    the dict's owner validates it."""
-    parts = key.split(".")
-    cls: Any = TrainConfig
-    node = tree
-    for depth, part in enumerate(parts):
-        full, last = ".".join(parts[: depth + 1]), depth == len(parts) - 1
-        if cls is dict:
-            if last:
-                node[part] = _json_or_string(value)
-                return
-        else:
-            hints = _hints(cls)
-            if part not in hints:
-                raise _unknown_key(full, [f.name for f in dataclasses.fields(cls)])
-            tp = hints[part]
-            if last:
-                node[part] = value
-                return
-            if dataclasses.is_dataclass(tp):
-                cls = tp
-            elif typing.get_origin(tp) is dict:
-                cls = dict
-            else:
-                raise ValueError(f"config key {full!r} is a {_type_name(tp)}; it has no key {parts[depth + 1]!r}")
-        child = node.get(part)
-        if isinstance(child, str):  # a whole-dict flag (JSON) given before one of its keys
-            child = _convert(child, dict[str, Any], full)
-        if not isinstance(child, dict):
-            child = {}
-        node[part] = child
-        node = child
-
-
-def _json_or_string(value: str) -> Any:
-    try:
-        return json.loads(value)
-    except json.JSONDecodeError:
-        return value
-
-
-def _merge(base: dict[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in override.items():
-        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
-            out[key] = _merge(dict(out[key]), value)
-        else:
-            out[key] = value
-    return out
-
-
-def parse_flags(argv: Sequence[str]) -> tuple[str | None, dict[str, Any]]:
-    """Split ``argv`` into the ``--config`` path and a nested dict of overrides.
-
-    Accepts ``--key value`` and ``--key=value``; a bool field given without a value
-    (``--progress`` followed by another flag or nothing) means true.
-    """
-    config_path: str | None = None
-    overrides: dict[str, Any] = {}
-    i = 0
-    while i < len(argv):
-        arg = argv[i]
-        if not arg.startswith("--") or arg == "--":
-            raise ValueError(f"expected a --key flag, got {arg!r}")
-        key, eq, value = arg[2:].partition("=")
-        if not eq:
-            if i + 1 < len(argv) and not argv[i + 1].startswith("--"):
-                value = argv[i + 1]
-                i += 1
-            elif _is_bool_key(key):
-                value = "true"
-            else:
-                raise ValueError(f"flag --{key} needs a value")
-        i += 1
-        if key == "config":
-            config_path = value
-        else:
-            _set_path(overrides, key, value)
-    return config_path, overrides
-
-
-def _is_bool_key(key: str) -> bool:
-    cls: Any = TrainConfig
-    for part in key.split("."):
-        if not dataclasses.is_dataclass(cls):
-            return False
-        cls = _hints(cls).get(part)
-    return cls is bool
-
-
-def parse_config(argv: Sequence[str]) -> TrainConfig:
-    """The :class:`TrainConfig` of ``--config FILE`` (JSON/TOML) overridden by the other flags.
-
-    Raises:
-        ValueError: an unknown key, a malformed flag or a value of the wrong type.
-    """
-    config_path, overrides = parse_flags(argv)
-    base = load_file(config_path) if config_path else {}
-    return config_from_dict(_merge(base, overrides))
-
-
-def help_text() -> str:
-    """Usage: every field as a flag, with its type and default."""
-    lines = [
-        "usage: python -m cots.train [--config FILE.json|FILE.toml] [--key value ...]",
-        "",
-        "Trains a COTS model. Flags override the config file; nested keys use dots,",
-        "e.g. --optim.lr 3e-4 --model.vision.depth 2 --steps 100.",
-        "",
-    ]
-
-    def walk(cls: type, instance: Any, prefix: str) -> None:
-        for f in dataclasses.fields(cls):
-            tp = _hints(cls)[f.name]
-            value = getattr(instance, f.name)
-            if dataclasses.is_dataclass(tp):
-                lines.append(f"[{prefix}{f.name}]")
-                walk(tp, value, f"{prefix}{f.name}.")
-            else:
-                shown = json.dumps(value) if not isinstance(value, tuple) else json.dumps(list(value))
-                lines.append(f"  --{prefix + f.name:<30} {_type_name(tp):<24} default {shown}")
-
-    walk(TrainConfig, TrainConfig(), "")
-    return "\n".join(lines)

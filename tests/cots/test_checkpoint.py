@@ -6,10 +6,13 @@ import numpy as np
 import pytest
 import torch
 
+from cots.data import VOCABULARY
 from cots.encoders import VisionTransformer
+from cots.tokenizers import HuggingFaceTokenizer, WordTokenizer
 from cots.training import latest, load_checkpoint, load_model, parse_config, read_jsonl, train
 from cots.training.checkpoint import checkpoint_path, prune, rng_state, save_checkpoint, set_rng_state
 
+from ..helpers import optional_module
 from .test_training import TINY
 
 # Timing and memory differ between runs; everything else in a record must not.
@@ -32,6 +35,17 @@ def _terms(records):
     return [{k: v for k, v in r.items() if k not in TIMING} for r in records]
 
 
+def _equal(a, b) -> bool:
+    """Nested dicts / lists of tensors and plain values, compared exactly."""
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_equal(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return isinstance(b, (list, tuple)) and len(a) == len(b) and all(map(_equal, a, b))
+    return a == b
+
+
 def test_resume_reproduces_the_uninterrupted_run(tmp_path):
     straight = train(_config(tmp_path / "straight"))
 
@@ -42,6 +56,12 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path):
     assert first.step == 3 and latest(tmp_path / "resumed") == checkpoint_path(tmp_path / "resumed", 3)
     second = train(_config(tmp_path / "resumed"))
     assert second.step == 6
+    # The resumed run continued from the saved AdamW moments and schedule, not fresh ones.
+    final = load_checkpoint(checkpoint_path(tmp_path / "resumed", 6))
+    uninterrupted = load_checkpoint(checkpoint_path(tmp_path / "straight", 6))
+    for name in ("optimizer", "scheduler"):
+        assert _equal(final[name], uninterrupted[name]), name
+    assert final["optimizer"]["state"][0]["step"] == 6  # AdamW's own count goes on from 3
 
     assert _terms(first.history + second.history) == _terms(straight.history)
     assert [r["step"] for r in straight.history] == [2, 4, 6]
@@ -54,7 +74,6 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path):
         else:
             assert ours[key] == value, key
     assert ours["queue._extra_state"]["enqueued"] == 6 * 8
-    final = load_checkpoint(checkpoint_path(tmp_path / "resumed", 6))
     assert final["step"] == 6 and final["tokenizer"]["vocab"] == straight.tokenizer.vocab
     model, tokenizer, config = load_model(checkpoint_path(tmp_path / "resumed", 6))
     assert tokenizer.vocab == straight.tokenizer.vocab and config.steps == 6 and not model.training
@@ -113,3 +132,21 @@ def test_resume_and_load_do_not_need_the_pretrained_files(tmp_path):
     model, _, loaded = load_model(latest(tmp_path / "run"))
     assert loaded.model.vision_weights == str(weights)
     assert torch.equal(model.image.encoder.pos_embed, second.model.image.encoder.pos_embed)
+
+
+def test_a_hugging_face_tokenizer_trains_checkpoints_and_reloads(tmp_path):
+    optional_module("tokenizers")
+    # The synthetic captions' word vocabulary as a BERT vocab.txt: the same ids as the
+    # built-in word tokenizer, so the run must match the built-in one exactly.
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("\n".join(WordTokenizer.from_corpus(sorted(VOCABULARY)).vocab) + "\n")
+    flags = ["--steps", "2", "--checkpoint_every", "0", "--log_every", "1", "--resume", "none"]
+    builtin = train(_config(tmp_path / "builtin", *flags))
+    fast = train(_config(tmp_path / "fast", *flags, "--data.hf_tokenizer", str(vocab)))
+    assert isinstance(fast.tokenizer, HuggingFaceTokenizer)
+    assert _terms(fast.history) == _terms(builtin.history)
+    model, tokenizer, config = load_model(latest(tmp_path / "fast"))
+    assert isinstance(tokenizer, HuggingFaceTokenizer) and config.data.hf_tokenizer == str(vocab)
+    captions = fast.datasets[0][0]["captions"]
+    assert torch.equal(tokenizer.encode(captions, 12)[0], fast.tokenizer.encode(captions, 12)[0])
+    assert _equal(model.state_dict(), fast.model.state_dict())

@@ -31,7 +31,7 @@ def test_scores_a_synthetic_split_and_writes_json(checkpoint, tmp_path, capsys):
 
 
 def test_a_caption_file_run_needs_its_caption_file(checkpoint, tmp_path):
-    from cots.training.loop import load_model
+    from cots.training import load_model
 
     _, _, config = load_model(checkpoint)
     config.data.dataset = "captions"

@@ -8,12 +8,17 @@ from torch import nn
 
 from cots.tokenizers import (
     DVAETokenizer,
+    HuggingFaceTokenizer,
     KMeansPatchTokenizer,
     VisualTokenizer,
     WordPieceTokenizer,
     WordTokenizer,
     patchify,
+    tokenizer_from_state,
+    tokenizer_state,
 )
+
+from ..helpers import optional_module
 
 _VOCAB = [
     "[PAD]",
@@ -109,6 +114,55 @@ def test_word_tokenizer_encode_truncate_pad_and_roundtrip(tmp_path):
         tok.encode("a red circle", 8)
     with pytest.raises(ValueError, match="max_len"):
         tok.encode(["a"], 1)
+
+
+#: Word pieces of the captions below, in the style of BERT's uncased vocab.txt.
+_CAPTION_VOCAB = [
+    *_VOCAB, "man", "riding", "wave", "on", "top", "of", "surf", "##board", ".", "two", "dog", "##s", "play",
+    "in", "snow", "##e", "near", "people", "sit", "##ting", "-", "'", "s",
+]  # fmt: skip
+_CAPTIONS = [
+    "A man riding a wave on top of a surfboard.",
+    "Two dogs playing in the snow!",
+    "People sitting near the CAF\u00c9, a caf\u00e9 on top-of the hello's",
+    "a xylophone",  # no split: [UNK]
+    "unaffable unwanted running wanted man riding a wave on top of a surfboard",  # truncated
+]
+
+
+def test_hugging_face_tokenizer_gives_the_wordpiece_ids(tmp_path):
+    tokenizers = optional_module("tokenizers")
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("\n".join(_CAPTION_VOCAB) + "\n", encoding="utf-8")
+    ours = WordPieceTokenizer.from_vocab_file(vocab)
+    want_ids, want_mask = ours.encode(_CAPTIONS, max_len=12)
+    assert (want_ids == ours.unk_id).any() and want_mask.all(dim=1).any() and not want_mask.all()
+    # A tokenizer.json whose own truncation and padding must not leak into the rows.
+    fast = HuggingFaceTokenizer.from_file(vocab)
+    configured = tokenizers.Tokenizer.from_str(fast.to_json())
+    configured.enable_truncation(4)
+    configured.enable_padding(length=30)
+    (tmp_path / "json").mkdir()
+    configured.save(str(tmp_path / "json" / "tokenizer.json"))
+    sources = [vocab, tmp_path, tmp_path / "json" / "tokenizer.json", tmp_path / "json"]
+    for source in sources:
+        hf = HuggingFaceTokenizer.from_file(source)
+        ids, mask = hf.encode(_CAPTIONS, max_len=12)
+        assert torch.equal(ids, want_ids) and torch.equal(mask, want_mask), source
+        assert hf.vocab_size == ours.vocab_size and hf.special_ids == ours.special_ids
+        assert (hf.pad_id, hf.cls_id, hf.sep_id, hf.mask_id) == (ours.pad_id, ours.cls_id, ours.sep_id, ours.mask_id)
+    assert [hf.tokenize(c) for c in _CAPTIONS] == [ours.tokenize(c) for c in _CAPTIONS]
+    restored = tokenizer_from_state(tokenizer_state(hf))
+    assert isinstance(restored, HuggingFaceTokenizer)
+    assert torch.equal(restored.encode(_CAPTIONS, max_len=12)[0], want_ids)
+    with pytest.raises(FileNotFoundError, match="neither a tokenizer.json nor a vocab.txt"):
+        HuggingFaceTokenizer.from_file((tmp_path / "empty").mkdir() or tmp_path / "empty")
+    no_mask = tmp_path / "no_mask.txt"
+    no_mask.write_text("[PAD]\n[UNK]\n[CLS]\n[SEP]\nfoo\n")
+    with pytest.raises(ValueError, match="lacks the special tokens"):
+        HuggingFaceTokenizer.from_file(no_mask)
+    with pytest.raises(TypeError, match="wrap a single str"):
+        hf.encode("a man", 8)
 
 
 def _stripes(n: int, seed: int = 0) -> torch.Tensor:
