@@ -75,28 +75,30 @@ def _smem_bytes(tiles: Tiles, operands: int, elt: int) -> int:
 def _gpu_tiles(problem: ContrastiveProblem, backward: bool, smem_limit: int) -> Tiles | None:
     """The tiles of the forward or backward kernels on a GPU, None if nothing fits.
 
-    Register use measured with offline sm_90 compiles (Triton 3.9, ptxas resource usage),
-    keeping the bf16/fp16 queue kernels free of spills (float32 operands, split into
-    TF32 parts, still spill: they run, untuned):
-    - backward: the two float32 accumulators hold BLOCK_M x BLOCK_D / (32 num_warps)
-      elements per thread each; at 32 the kernel used 128-222 registers, at 64 (D = 128,
-      BLOCK_M = 64, 4 warps) it spilled. Hence BLOCK_M = 1024 num_warps / BLOCK_D.
-    - forward: per-row statistics are cheap, so 64 rows share each loaded candidate tile;
-      72-210 registers without spills with the BLOCK_N below.
-    BLOCK_M and BLOCK_N then shrink until the shared memory fits ``smem_limit`` (163 KiB
-    on an A100, 227 KiB on an H100).
+    Chosen from ahead-of-time sm_90 compiles (Triton 3.9's ptxas -v, read by
+    ``python -m benchmarks.static_report``; ``benchmarks/results/static_sm90.json``) so
+    that no bf16/fp16 configuration at D = 256 spills registers. Both kernels keep their
+    query tiles (2 of them, 4 with distillation) resident for the whole candidate loop,
+    and the per-tile logits and their gradients (4 to 8 (BLOCK_M, BLOCK_N) float32
+    temporaries) on top, so at D = 256 the register file decides:
+    - forward: 64 x 32 tiles spilled 32-508 bytes per thread (the most with
+      distillation), 32 x 16 tiles use 164-180 registers and none;
+    - backward: 32 x 32 tiles spilled 12-116 bytes with the KL and distillation terms,
+      16 x 32 tiles use 193-209 registers and none.
+    Narrower D (unmeasured on a GPU) keeps the earlier, wider tiles: the resident
+    operands shrink with D. float32 operands, split into TF32 parts, still spill: they
+    run, untuned. BLOCK_M and BLOCK_N then shrink until the shared memory fits
+    ``smem_limit`` (163 KiB on an A100, 227 KiB on an H100).
     """
     block_d = tu.pow2(problem.dim, 16, 1 << 30)
     num_warps = 8 if block_d >= (256 if backward else 128) else 4
     num_stages = 2  # the next tile's loads overlap this tile's products
     if backward:
-        # Also BLOCK_N = 32: the gradient math keeps about 8 (BLOCK_M, BLOCK_N) float32
-        # temporaries live, and 64 x 64 of them spilled at D = 48 with distillation.
-        row_cap = max(16, min(64, 1024 * num_warps // block_d))
+        row_cap = 16 if block_d >= 256 else max(16, min(64, 1024 * num_warps // block_d))
         block_n = 32 if block_d <= 256 else 16
     else:
-        row_cap = 64
-        block_n = 64 if block_d <= 128 else 32 if block_d <= 256 else 16
+        row_cap = 64 if block_d <= 128 else 32
+        block_n = 64 if block_d <= 128 else 16
     block_m = tu.pow2(problem.batch, 16, row_cap)
     operands = 4 if problem.options.distill_alpha > 0 else 2
     elt = _element_size(problem)

@@ -62,20 +62,24 @@ def _gpu_tiles(dtype: torch.dtype) -> tuple[Tiles, Tiles, Tiles]:
     """(forward, hidden, weight) tiles on a GPU: one pinned config per dtype.
 
     Not yet measured on a GPU: chosen from the register and shared-memory budgets of
-    sm_80/sm_90 (163 / 227 KiB of shared memory per program).
-    - forward: a 128 x 128 float32 logits tile is 64 registers per thread at 8 warps,
-      the size of Triton's tuned matmul tiles; 3 stages of 128 x 64 + 64 x 128 half
-      operands are 96 KiB.
-    - hidden gradient: a 64 x 128 logits tile and its dz (32 registers each) plus the
-      64 x 64 accumulator of the dz @ weight slice.
+    sm_80/sm_90 (163 / 227 KiB of shared memory per program) and from ahead-of-time sm_90
+    compiles (``python -m benchmarks.static_report``), which keep every bf16/fp16
+    configuration free of register spills:
+    - forward: a 128 x 64 float32 logits tile at 8 warps, the per-row statistics and the
+      label-smoothing sum; 128 x 128 spilled 48 bytes per thread with bias and label
+      smoothing, 128 x 64 uses 174-186 registers and none. 3 stages of 128 x 64 + 64 x 64
+      half operands are 72 KiB.
+    - hidden gradient: a 32 x 128 logits tile and its dz plus the 32 x 64 accumulator of
+      the dz @ weight slice; 64 rows spilled 60-80 bytes, 32 use 232 registers and none.
     - weight gradient: 128 rows per dz tile, because each tile adds into the program's
       (64, D) float32 scratch: 128 rows make that read-modify-write 1/32 byte per flop.
     float32 operands take BLOCK_D = 32 and 2 stages: "tf32x3" stages a high and a low
-    part of each operand, twice the half-precision shared memory per element.
+    part of each operand, twice the half-precision shared memory per element (they still
+    spill: a correctness path, not a tuned one).
     """
     block_d, stages = (32, 2) if dtype == torch.float32 else (64, 3)
-    forward = Tiles(128, 128, block_d, 8, stages)
-    hidden = Tiles(64, 128, block_d, 8, 2)
+    forward = Tiles(128, 64, block_d, 8, stages)
+    hidden = Tiles(32, 128, block_d, 8, 2)
     weight = Tiles(128, 64, block_d, 8, 2)
     return forward, hidden, weight
 
