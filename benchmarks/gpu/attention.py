@@ -5,7 +5,9 @@ Shapes are the COTS encoders': ViT-B/16 self-attention (B = 64, 12 heads of 64, 
 to 40 tokens with a key padding mask). For each shape it times forward, backward and
 forward+backward of
 
-- ``cots_triton``: :func:`cots_kernels.mha.attention` with ``impl="triton"``;
+- ``cots_auto``: :func:`cots_kernels.mha.attention` with ``impl="auto"`` (Triton on a GPU,
+  SDPA on a CPU), what the pipeline of ``benchmarks/gpu/run.py`` measures as ours;
+- ``cots_triton``: the same function with ``impl="triton"``;
 - ``cots_sdpa``: the same function with ``impl="sdpa"`` (SDPA plus the all-masked-row fix);
 - ``sdpa_flash`` / ``sdpa_efficient`` / ``sdpa_math``: ``F.scaled_dot_product_attention``
   forced to one backend with ``torch.nn.attention.sdpa_kernel`` (a backend that refuses
@@ -27,7 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import pathlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -37,6 +39,10 @@ import torch.nn.functional as F
 from benchmarks.common import peak_bytes, time_ms, write_json
 from cots_kernels.mha import IMPLEMENTATIONS, attention
 from cots_kernels.mha.problem import validate
+
+from . import perf_model
+from .cases import Case as BenchCase
+from .cases import Emit, guarded, max_error, skip, wanted
 
 
 @dataclass(frozen=True)
@@ -110,8 +116,15 @@ def _backend_context(name: str | None):
     return sdpa_kernel(choice[name])
 
 
-def _contenders(mask: torch.Tensor | None) -> dict[str, tuple[Callable, str | None]]:
-    """name -> (fn(q, k, v), SDPA backend to force or None)."""
+LEGACY_IMPLS = ("cots_triton", "cots_sdpa", "sdpa_flash", "sdpa_efficient", "sdpa_math", "sdpa_default", "reference")
+# The pipeline's order: ours, then the SDPA backends a user would otherwise call.
+IMPLS = ("cots_auto", "sdpa_flash", "sdpa_efficient", "sdpa_default", "cots_sdpa", "sdpa_math", "reference")
+
+
+def _contenders(
+    mask: torch.Tensor | None, names: Sequence[str] = LEGACY_IMPLS
+) -> dict[str, tuple[Callable, str | None]]:
+    """name -> (fn(q, k, v), SDPA backend to force or None), in the order of ``names``."""
     attn_mask = None if mask is None else mask[:, None, None, :]
 
     def ours(impl: str) -> Callable:
@@ -120,13 +133,16 @@ def _contenders(mask: torch.Tensor | None) -> dict[str, tuple[Callable, str | No
     def sdpa(q, k, v):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
 
-    fns: dict[str, tuple[Callable, str | None]] = {
-        "cots_triton": (ours("triton"), None),
-        "cots_sdpa": (ours("sdpa"), None),
-    }
-    fns.update({f"sdpa_{name}": (sdpa, name) for name in BACKENDS})
-    fns["sdpa_default"] = (sdpa, None)
-    fns["reference"] = (ours("reference"), None)
+    fns: dict[str, tuple[Callable, str | None]] = {}
+    for name in names:
+        if name.startswith("cots_"):
+            fns[name] = (ours(name.removeprefix("cots_")), None)
+        elif name == "sdpa_default":
+            fns[name] = (sdpa, None)
+        elif name.startswith("sdpa_"):
+            fns[name] = (sdpa, name.removeprefix("sdpa_"))
+        elif name == "reference":
+            fns[name] = (ours("reference"), None)
     return fns
 
 
@@ -136,12 +152,18 @@ def _triton_unavailable(q, k, v, mask) -> str | None:
     return next(i for i in IMPLEMENTATIONS if i.name == "triton").why_not(problem, True)
 
 
-def _measure(fn: Callable, q, k, v, grad, device: torch.device, reps: int, flops_fwd: float) -> dict[str, Any]:
+def _measure(
+    fn: Callable, q, k, v, grad, device: torch.device, reps: int, flops_fwd: float, truth: list | None = None
+) -> dict[str, Any]:
     leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
     try:
         out = fn(*leaves)
     except RuntimeError as exc:  # an SDPA backend that cannot run this input
-        return {"refused": str(exc).strip().splitlines()[0][:300]}
+        reason = str(exc).strip().splitlines()[0][:300]
+        return {"refused": reason, "skipped": f"refused: {reason}"}
+    error = None
+    if truth is not None:
+        error = max_error([out, *torch.autograd.grad(out, leaves, grad, retain_graph=True)], truth)
 
     def forward():
         return fn(*leaves)
@@ -156,6 +178,11 @@ def _measure(fn: Callable, q, k, v, grad, device: torch.device, reps: int, flops
     bwd_ms = time_ms(backward, device, reps=reps)
     total_ms = time_ms(forward_backward, device, reps=reps)
     return {
+        "time_ms": total_ms,
+        "forward_ms": fwd_ms,
+        "backward_ms": bwd_ms,
+        "error": error,
+        "peak_bytes": peak_bytes(forward_backward, device),
         "fwd_ms": fwd_ms,
         "bwd_ms": bwd_ms,
         "fwd_bwd_ms": total_ms,
@@ -164,6 +191,71 @@ def _measure(fn: Callable, q, k, v, grad, device: torch.device, reps: int, flops
         "fwd_bwd_tflops": 3.5 * flops_fwd / total_ms / 1e9,
         "peak_bytes_fwd_bwd": peak_bytes(forward_backward, device),
     }
+
+
+def _pipeline_case(case: Case, priority: str, dtype: str) -> BenchCase:
+    gen = torch.Generator().manual_seed(0)
+    lengths = caption_lengths(case.batch, case.seq, gen) if case.padded else None
+    pairs = case.batch * case.seq**2 if lengths is None else float((lengths.double() ** 2).sum())
+    short = {"bfloat16": "bf16", "float32": "fp32"}[dtype]
+    kind = "padded" if case.padded else "full"
+    return BenchCase(
+        id=f"attention.{case.name}_{short}",
+        op="attention",
+        title=f"attention {case.name} B={case.batch} L={case.seq} {kind} {short}",
+        priority=priority,
+        limit_s=60,
+        impls=IMPLS,
+        versus=("sdpa_efficient", "sdpa_default") if case.padded else ("sdpa_flash", "sdpa_default"),
+        params={**asdict(case), "dtype": dtype},
+        work=perf_model.attention(case.batch, case.heads, case.seq, case.dim, dtype, pairs),
+    )
+
+
+def cases(dry: bool) -> list[BenchCase]:
+    """ViT-B/16 at 224 and the padded BERT-base captions first (the headline), bf16."""
+    if dry:
+        vit, captions = QUICK_CASES
+        return [_pipeline_case(vit, "headline", "float32"), _pipeline_case(captions, "headline", "float32")]
+    by_name = {case.name: case for case in CASES}
+    return [
+        _pipeline_case(by_name["vit_b16_224"], "headline", "bfloat16"),
+        _pipeline_case(by_name["bert_base_captions"], "headline", "bfloat16"),
+        _pipeline_case(by_name["vit_b16_256"], "more", "bfloat16"),
+        _pipeline_case(by_name["bert_base_captions_fp32"], "more", "float32"),
+    ]
+
+
+def _truth(q, k, v, grad, mask) -> list[torch.Tensor]:
+    """The materialised softmax in float64 on the same (rounded) inputs: output and grads."""
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    out = attention(*leaves, mask, impl="reference")
+    return [out.detach(), *torch.autograd.grad(out, leaves, grad.double())]
+
+
+def run_case(case: BenchCase, device: torch.device, emit: Emit, only: Sequence[str] | None = None) -> dict[str, Any]:
+    """Measure one case's implementations in order, emitting each result."""
+    p = case.params
+    shape = Case(p["name"], p["batch"], p["heads"], p["seq"], p["dim"], p["padded"])
+    reps = 20 if device.type == "cuda" else 3
+    q, k, v, grad, mask, lengths = _inputs(shape, getattr(torch, p["dtype"]), device)
+    flops = real_flops_forward(shape, lengths)
+    truth = _truth(q, k, v, grad, mask)
+    for name, (fn, backend) in _contenders(mask, wanted(case, only)).items():
+        reason = _triton_unavailable(q, k, v, mask) if name == "cots_triton" else None
+        if reason is not None:
+            skip(emit, [name], reason)
+            continue
+
+        def measure(fn=fn, backend=backend) -> dict[str, Any]:
+            with _backend_context(backend):
+                return _measure(fn, q, k, v, grad, device, reps, flops, truth)
+
+        guarded(emit, name, measure, device)
+    extras: dict[str, Any] = {"forward_gflop_real": flops / 1e9}
+    if lengths is not None:
+        extras["mean_length"] = float(lengths.double().mean())
+    return extras
 
 
 def _speedups(results: dict[str, dict[str, Any]], ours: str, other: str) -> dict[str, float] | None:

@@ -17,13 +17,16 @@ Target (issue): ours at least 1.3x the plain step's throughput.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import pathlib
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks.common import sync, write_json
 from cots.config import COTSConfig
@@ -31,6 +34,9 @@ from cots.model import COTSModel
 from cots.tokenizers import patchify
 from cots_kernels import ContrastiveOutput, cots_contrastive_loss
 from cots_kernels.distributed import all_gather_rows
+
+from . import perf_model
+from .cases import Case, Emit, guarded, wanted
 
 TARGET_SPEEDUP = 1.3
 TEXT_VOCAB = 30522  # BERT-base word pieces
@@ -115,7 +121,9 @@ def _batch(model: COTSModel, batch_size: int, device: torch.device, quick: bool)
     return {k: v.to(device) for k, v in batch.items()}
 
 
-def _measure(model: COTSModel, batch: dict, device: torch.device, steps: int, warmup: int) -> dict[str, Any]:
+def _measure(
+    model: COTSModel, batch: dict, device: torch.device, steps: int, warmup: int, count_flops: bool = False
+) -> dict[str, Any]:
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-5, fused=device.type == "cuda")
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
@@ -129,7 +137,12 @@ def _measure(model: COTSModel, batch: dict, device: torch.device, steps: int, wa
         model.after_step()
         return out.terms
 
-    first = {k: v.item() for k, v in step().items()}
+    # The first step's matrix-product FLOPs, counted on the plain build, whose ops are all
+    # ATen's (the fused ops are invisible to the counter).
+    counter = FlopCounterMode(display=False) if count_flops else contextlib.nullcontext()
+    with counter:
+        first = {k: v.item() for k, v in step().items()}
+    flops = counter.get_total_flops() if count_flops else None
     for _ in range(warmup - 1):
         step()
     sync(device)
@@ -141,45 +154,115 @@ def _measure(model: COTSModel, batch: dict, device: torch.device, steps: int, wa
     sync(device)
     seconds = time.perf_counter() - start
     batch_size = batch["input_ids"].shape[0]
+    # What the optimizer and the EMA must move each step: AdamW reads parameter,
+    # gradient and both moments and writes three of them (fp32: 28 B per parameter);
+    # the EMA reads both copies and writes one (12 B per momentum parameter).
+    trainable = sum(p.numel() for p in params)
+    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
     return {
+        "time_ms": 1e3 * seconds / steps,
         "step_ms": 1e3 * seconds / steps,
         "images_per_s": batch_size * steps / seconds,
         "peak_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
         "first_step_terms": first,
+        "step_flops": flops,
+        "parameter_bytes": 28 * trainable + 12 * frozen,
     }
+
+
+def _build(name: str, quick: bool) -> COTSModel:
+    cfg = _config(quick, plain=name == "plain")
+    cls = PlainCOTSModel if name == "plain" else COTSModel
+    torch.manual_seed(0)
+    return cls(cfg, HashPatchTokenizer(cfg.visual_vocab_size, cfg.vision_config().patch_size), TEXT_VOCAB)
+
+
+class _Builds:
+    """Both builds from one starting point: the first model built gives the weights,
+    queues and filter state, kept as a host copy (a device copy would stay allocated and
+    inflate both peaks), that every later build loads."""
+
+    def __init__(self, quick: bool) -> None:
+        self.quick = quick
+        self.state: dict[str, Any] | None = None
+
+    def measure(self, name: str, dev: torch.device, batch_size: int) -> dict[str, Any]:
+        model = _build(name, self.quick)
+        if self.state is None:
+            self.state = {
+                k: v.clone() if torch.is_tensor(v) else copy.deepcopy(v) for k, v in model.state_dict().items()
+            }
+        else:
+            model.load_state_dict(self.state)
+        model = model.to(dev)
+        batch = _batch(model, batch_size, dev, self.quick)
+        steps, warmup = (2, 1) if self.quick else (10, 3)
+        try:
+            return _measure(model, batch, dev, steps, warmup, count_flops=name == "plain")
+        finally:
+            del model, batch
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
+
+
+def _first_step_difference(ours: dict[str, Any], plain: dict[str, Any]) -> dict[str, float]:
+    """Relative difference of each loss term of the first step (same weights, same batch)."""
+    a, b = ours["first_step_terms"], plain["first_step_terms"]
+    return {k: abs(a[k] - b[k]) / max(abs(b[k]), 1e-6) for k in a}
+
+
+IMPLS = ("ours", "plain")
+
+
+def cases(dry: bool) -> list[Case]:
+    """The base step at B = 64 (tiny in the dry run); its FLOPs are counted when it runs."""
+    return [
+        Case(
+            id="cots_step.tiny_b4" if dry else "cots_step.base_b64",
+            op="cots_step",
+            title="COTS step tiny B=4 fp32" if dry else "COTS step base B=64 bf16 autocast",
+            priority="step",
+            limit_s=150,
+            impls=IMPLS,
+            versus=("plain",),
+            params={"quick": dry, "batch_size": 4 if dry else 64},
+        )
+    ]
+
+
+def run_case(case: Case, device: torch.device, emit: Emit, only: Sequence[str] | None = None) -> dict[str, Any]:
+    """Measure ours, then plain; ours is emitted again with its first-step difference
+    from plain as its error once plain has run."""
+    builds = _Builds(case.params["quick"])
+    results: dict[str, dict[str, Any]] = {}
+
+    def keep(name: str, result: dict[str, Any]) -> None:
+        results[name] = result
+        emit(name, result)
+
+    for name in wanted(case, only):
+        guarded(keep, name, lambda: builds.measure(name, device, case.params["batch_size"]), device)
+    extras: dict[str, Any] = {"precision": "bf16 autocast" if device.type == "cuda" else "fp32"}
+    ours, plain = results.get("ours", {}), results.get("plain", {})
+    if "time_ms" in ours and "time_ms" in plain:
+        difference = _first_step_difference(ours, plain)
+        emit("ours", {**ours, "error": max(difference.values()), "first_step_relative_difference": difference})
+        emit("plain", {**plain, "error": 0.0})
+    if plain.get("step_flops"):
+        dtype = "bfloat16" if device.type == "cuda" else "float32"
+        extras["work"] = perf_model.training_step(plain["step_flops"], plain["parameter_bytes"], dtype)
+    return extras
 
 
 def run(out_dir: pathlib.Path, device: str = "cuda", quick: bool = False, batch_size: int = 64) -> dict:
     """Measure both steps and write ``gpu_cots_step.json`` to ``out_dir``; return the payload."""
     dev = torch.device(device)
     batch_size = 4 if quick else batch_size
-    steps, warmup = (2, 1) if quick else (10, 3)
-    results: dict[str, Any] = {}
-    state = None
-    for name in ("ours", "plain"):
-        torch.manual_seed(0)
-        cfg = _config(quick, plain=name == "plain")
-        cls = PlainCOTSModel if name == "plain" else COTSModel
-        model = cls(cfg, HashPatchTokenizer(cfg.visual_vocab_size, cfg.vision_config().patch_size), TEXT_VOCAB).to(dev)
-        if state is None:
-            # A host copy: a device copy would stay allocated and inflate both peaks.
-            state = {
-                k: v.cpu().clone() if torch.is_tensor(v) else copy.deepcopy(v) for k, v in model.state_dict().items()
-            }
-        else:
-            model.load_state_dict(state)  # same weights, queues and filter state
-        batch = _batch(model, batch_size, dev, quick)
-        results[name] = _measure(model, batch, dev, steps, warmup)
-        del model, batch
-        if dev.type == "cuda":
-            torch.cuda.empty_cache()
+    builds = _Builds(quick)
+    results = {name: builds.measure(name, dev, batch_size) for name in IMPLS}
     ours, plain = results["ours"], results["plain"]
     speedup = ours["images_per_s"] / plain["images_per_s"]
-    first_step = {
-        k: abs(ours["first_step_terms"][k] - plain["first_step_terms"][k])
-        / max(abs(plain["first_step_terms"][k]), 1e-6)
-        for k in ours["first_step_terms"]
-    }
+    first_step = _first_step_difference(ours, plain)
     payload = {
         "op": "cots_step",
         "quick": quick,

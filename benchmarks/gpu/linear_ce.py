@@ -10,6 +10,9 @@ the error against the float32 materialised reference, for
 - ``ours_torch``: the chunked PyTorch path (``impl="torch"``);
 - ``materialised``: ``F.cross_entropy(F.linear(h, W).float(), t)`` (``impl="reference"``);
 - ``materialised_compiled``: ``torch.compile`` of the same;
+- ``torch_linear_ce``: torch's own ``F.linear_cross_entropy`` where this torch has it
+  (2.13 does, 2.11 may not: found by feature, not version), chunked through
+  ``torch.nn.LinearCrossEntropyOptions()`` where that exists;
 - ``liger``: Liger-Kernel's ``liger_fused_linear_cross_entropy``;
 - ``cut_cross_entropy``: CCE's ``linear_cross_entropy`` with its default ``impl="cce"``
   (gradient filtering: blocks whose softmax is below a threshold are skipped);
@@ -31,8 +34,9 @@ test (float32; the CUDA-only peers are recorded as skipped).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +44,9 @@ import torch.nn.functional as F
 from benchmarks.common import peak_bytes, time_ms, write_json
 from benchmarks.linear_ce_cases import MLM, MVM, QUICK, Shape, make_inputs
 from cots_kernels import linear_cross_entropy
+
+from . import perf_model
+from .cases import Case, Emit, guarded, max_error, skip, wanted
 
 Loss = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -76,6 +83,16 @@ def _cut_cross_entropy(impl: str) -> Loss | None:
     return lambda h, w, t: cce(h, w, t, reduction="mean", impl=impl)
 
 
+def _torch_linear_ce() -> Loss | None:
+    """torch's ``F.linear_cross_entropy`` (chunked where torch offers the option), if any."""
+    fn = getattr(F, "linear_cross_entropy", None)
+    if fn is None:
+        return None
+    options = getattr(torch.nn, "LinearCrossEntropyOptions", None)
+    extra = {} if options is None else {"options": options()}
+    return lambda h, w, t: fn(h, w, t, **extra)
+
+
 def candidates(device: torch.device) -> dict[str, Loss | None | str]:
     """name -> loss function, None (not installed) or a reason it is skipped."""
     found: dict[str, Loss | None | str] = {
@@ -97,7 +114,9 @@ def _max_error(values: list[torch.Tensor], truth: list[torch.Tensor]) -> float:
     return max((v.float() - t).abs().max().item() for v, t in zip(values, truth))
 
 
-def _measure(loss: Loss, inputs, truth: list[torch.Tensor], device: torch.device, shape: Shape, reps: int) -> dict:
+def _measure(
+    loss: Loss, inputs, truth: list[torch.Tensor], device: torch.device, shape: Shape, reps: int, truth64=None
+) -> dict:
     hidden, weight, targets = inputs
 
     def forward():
@@ -114,6 +133,8 @@ def _measure(loss: Loss, inputs, truth: list[torch.Tensor], device: torch.device
     peak = peak_bytes(forward_backward, device)
     flops = 2 * shape.rows * shape.vocab * shape.dim
     return {
+        "time_ms": both,
+        "error": None if truth64 is None else max_error(values, truth64),
         "forward_ms": fwd,
         "backward_ms": max(both - fwd, 1e-6),
         "forward_backward_ms": both,
@@ -154,6 +175,79 @@ def _targets(impls: dict) -> dict:
     if "forward_backward_ms" in ours and "forward_backward_ms" in cce:
         targets["at_least_as_fast_as_cut_cross_entropy"] = ours["forward_backward_ms"] <= cce["forward_backward_ms"]
     return targets
+
+
+# Measurement order: ours, then the peers, torch.compile last (its compile takes the most
+# of a case's time limit; a case stopped at the limit keeps the others).
+IMPLS = ("ours", "materialised", "torch_linear_ce", "liger", "cut_cross_entropy", "cut_cross_entropy_exact",
+         "ours_torch", "materialised_compiled")  # fmt: skip
+CUDA_ONLY = ("materialised_compiled", "liger", "cut_cross_entropy", "cut_cross_entropy_exact")
+
+
+def _case(shape: Shape, dtype: str, priority: str) -> Case:
+    short = {"bfloat16": "bf16", "float32": "fp32"}[dtype]
+    return Case(
+        id=f"linear_ce.{shape.name}_{short}",
+        op="linear_ce",
+        title=f"linear CE {shape} {short}",
+        priority=priority,
+        limit_s=100,
+        impls=IMPLS,
+        versus=("materialised", "torch_linear_ce", "liger", "cut_cross_entropy"),
+        params={"shape": shape.name, "rows": shape.rows, "vocab": shape.vocab, "dim": shape.dim, "dtype": dtype},
+        work=perf_model.linear_ce(shape.rows, shape.vocab, shape.dim, dtype),
+    )
+
+
+def cases(dry: bool) -> list[Case]:
+    """The MVM and MLM heads in bf16 first (the headline), then fp32."""
+    if dry:
+        mvm, mlm = QUICK
+        return [_case(mvm, "float32", "headline"), _case(mlm, "float32", "headline"), _case(mlm, "bfloat16", "more")]
+    return [_case(MVM, "bfloat16", "headline"), _case(MLM, "bfloat16", "headline"),
+            _case(MVM, "float32", "more"), _case(MLM, "float32", "more")]  # fmt: skip
+
+
+def _loss(name: str, device: torch.device) -> Loss | None | str:
+    if name in CUDA_ONLY and device.type != "cuda":
+        return "skipped: needs CUDA"
+    return {
+        "ours": lambda: _ours("auto"),
+        "ours_torch": lambda: _ours("torch"),
+        "materialised": lambda: _materialised,
+        "materialised_compiled": lambda: torch.compile(_materialised, dynamic=False),
+        "torch_linear_ce": _torch_linear_ce,
+        "liger": _liger,
+        "cut_cross_entropy": lambda: _cut_cross_entropy("cce"),
+        "cut_cross_entropy_exact": lambda: _cut_cross_entropy("cce_exact"),
+    }[name]()
+
+
+def _truths(inputs) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The materialised loss and gradients in float32 (the legacy comparison) and float64."""
+    out = []
+    for dtype in (torch.float32, torch.float64):
+        wide = [t.detach().to(dtype).requires_grad_() for t in inputs[:2]] + [inputs[2]]
+        loss = _materialised(*wide)
+        out.append([loss.detach().double(), *(g.double() for g in torch.autograd.grad(loss, wide[:2]))])
+    return out[0], out[1]
+
+
+def run_case(case: Case, device: torch.device, emit: Emit, only: Sequence[str] | None = None) -> dict[str, Any]:
+    """Measure one case's implementations in order, emitting each result."""
+    p = case.params
+    shape = Shape(p["shape"], p["rows"], p["vocab"], p["dim"])
+    reps = 10 if device.type == "cuda" else 2
+    inputs = make_inputs(shape, getattr(torch, p["dtype"]), device)
+    truth32, truth64 = _truths(inputs)
+    for name in wanted(case, only):
+        loss = _loss(name, device)
+        if loss is None or isinstance(loss, str):
+            missing = "this torch has no F.linear_cross_entropy" if name == "torch_linear_ce" else "not installed"
+            skip(emit, [name], loss or missing)
+            continue
+        guarded(emit, name, lambda: _measure(loss, inputs, truth32, device, shape, reps, truth64), device)
+    return {"torch_has_linear_cross_entropy": hasattr(F, "linear_cross_entropy")}
 
 
 def run(out_dir: Path, device: str = "cuda", quick: bool = False) -> dict:
