@@ -11,11 +11,12 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test lint format bench install clean
 
-$(STAMP): setup.py requirements/test.txt $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*.cu csrc/cuda/*.cuh)
+$(STAMP): setup.py requirements/test.txt requirements/peers.txt $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*.cu csrc/cuda/*.cuh)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(TORCH_SPEC)
 	$(PY) -m pip install --quiet -r requirements/test.txt
+	$(PY) -m pip install --quiet --no-deps -r requirements/peers.txt  # peer code, without its CUDA torch
 	$(PY) -m pip install --quiet --no-build-isolation -e .
 	touch $(STAMP)
 

@@ -1,80 +1,92 @@
 """Build script for cots-kernels.
 
+Two ways to install, both working on a machine that already has torch:
+
+- ``pip install .`` / ``pip install git+<repo>`` (pip's default build isolation): the
+  build environment holds setuptools and wheel only (pyproject.toml lists no torch, so
+  pip never downloads one, let alone a CUDA build, into it). The wheel is pure Python
+  and carries the C++/CUDA sources in ``cots_kernels/_csrc``; the compiled extension is
+  built against the installed torch on first use and cached (``cots_kernels/_extension.py``).
+- ``pip install --no-build-isolation .`` (or ``-e .``): setup.py imports the installed
+  torch and compiles the extension now; nothing is downloaded.
+
 The compiled extension ``cots_kernels._C`` always gets the C++ (CPU) sources in
-``csrc/*.cpp``; the CUDA sources in ``csrc/cuda/*.cu`` join it only when both a CUDA
-toolkit and a CUDA build of torch are present. Environment switches:
+``csrc/*.cpp``; the CUDA sources in ``csrc/cuda/*.cu`` join it when both a CUDA toolkit
+and a CUDA build of torch are present. Environment switches (read at build time and, for
+the first-use build, at run time):
 
-    COTS_KERNELS_BUILD_EXT=0     build no extension (the package falls back to PyTorch)
-    COTS_KERNELS_CUDA=0|1|auto   CUDA part off, forced on, or by detection (default auto)
-
-Nothing is downloaded at build time; torch must already be installed, so install with
-``pip install --no-build-isolation -e .``.
+    COTS_KERNELS_BUILD_EXT=auto|1|0  auto (default): build where torch can be imported;
+                                     1: fail without torch; 0: no extension at all
+    COTS_KERNELS_CUDA=auto|1|0       CUDA part by detection (default), forced on, off
+    TORCH_CUDA_ARCH_LIST, MAX_JOBS   torch's own: target GPUs ("8.0;9.0") and parallel
+                                     compile jobs (ninja)
 """
 
-import glob
-import os
-import sys
+import importlib.util
+import shutil
+from pathlib import Path
 
 from setuptools import find_packages, setup
+from setuptools.command.build_py import build_py
+
+ROOT = Path(__file__).resolve().parent
+CSRC = ROOT / "csrc"
 
 
-def _extensions():
-    if os.environ.get("COTS_KERNELS_BUILD_EXT", "1") == "0":
+def _build_settings():
+    """cots_kernels/_extension.py, read by path: the package itself imports torch."""
+    spec = importlib.util.spec_from_file_location("_cots_kernels_build", ROOT / "cots_kernels" / "_extension.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class BuildPyWithSources(build_py):
+    """Also copy ``csrc/`` into the package as ``cots_kernels/_csrc``, for the first-use build."""
+
+    def run(self):
+        super().run()
+        target = Path(self.build_lib) / "cots_kernels" / "_csrc"
+        shutil.rmtree(target, ignore_errors=True)
+        shutil.copytree(CSRC, target, ignore=shutil.ignore_patterns("*.o", "*.so", "__pycache__"))
+
+
+def _extensions(settings):
+    mode = settings.build_mode()
+    if mode == "0":
         return [], {}
     try:
         import torch
         from torch.utils import cpp_extension
     except ImportError as exc:
-        raise RuntimeError(
-            "cots-kernels builds against an installed torch: install torch first, then "
-            "`pip install --no-build-isolation -e .` (or set COTS_KERNELS_BUILD_EXT=0)"
-        ) from exc
+        if mode == "1":
+            raise RuntimeError(
+                f"{settings.BUILD_EXT_VARIABLE}=1 but torch cannot be imported in the build environment: "
+                "install torch first, then `pip install --no-build-isolation .`"
+            ) from exc
+        print("cots-kernels: no torch in the build environment; the compiled extension is built on first use")
+        return [], {}
 
-    cpu_sources = sorted(glob.glob("csrc/*.cpp"))
-    cuda_sources = sorted(glob.glob("csrc/cuda/*.cu"))
-    mode = os.environ.get("COTS_KERNELS_CUDA", "auto").lower()
-    if mode not in ("0", "1", "auto"):
-        raise ValueError(f"COTS_KERNELS_CUDA must be 0, 1 or auto, got {mode!r}")
-    have_cuda = torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
-    if mode == "1" and not have_cuda:
-        raise RuntimeError(
-            "COTS_KERNELS_CUDA=1 but no CUDA build is possible: "
-            f"torch.version.cuda={torch.version.cuda}, CUDA_HOME={cpp_extension.CUDA_HOME}"
-        )
-    use_cuda = bool(cuda_sources) and (mode == "1" or (mode == "auto" and have_cuda))
-
-    # No contraction of a product and a sum into an FMA (GCC's default where the ISA has
-    # one, e.g. aarch64): the EMA kernel must round both products as PyTorch does.
-    cxx_flags = ["-O3", "-std=c++17", "-ffp-contract=off"]
-    link_flags = []
-    if sys.platform.startswith("linux"):
-        # at::parallel_for is inline in ATen's headers: without OpenMP at our compile it
-        # runs on one thread.
-        cxx_flags.append("-fopenmp")
-        link_flags.append("-fopenmp")
-    if use_cuda:
+    cpu_sources, cuda_sources = settings.sources(Path("csrc"))
+    cuda = settings.use_cuda(torch.version.cuda, cpp_extension.CUDA_HOME, bool(cuda_sources))
+    openmp = list(settings.openmp_flags())
+    cxx_flags = [*settings.CXX_FLAGS, *openmp]
+    if cuda:
         ext = cpp_extension.CUDAExtension(
             "cots_kernels._C",
             cpu_sources + cuda_sources,
-            define_macros=[("COTS_WITH_CUDA", "1")],
-            extra_compile_args={
-                "cxx": cxx_flags,
-                "nvcc": ["-O3", "-std=c++17", "-lineinfo"],
-            },
-            extra_link_args=link_flags,
+            define_macros=[(settings.CUDA_MACRO, "1")],
+            extra_compile_args={"cxx": cxx_flags, "nvcc": list(settings.NVCC_FLAGS)},
+            extra_link_args=openmp,
         )
     else:
         ext = cpp_extension.CppExtension(
-            "cots_kernels._C",
-            cpu_sources,
-            extra_compile_args={"cxx": cxx_flags},
-            extra_link_args=link_flags,
+            "cots_kernels._C", cpu_sources, extra_compile_args={"cxx": cxx_flags}, extra_link_args=openmp
         )
-    build = cpp_extension.BuildExtension.with_options(use_ninja=True)
-    return [ext], {"build_ext": build}
+    return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
 
 
-ext_modules, cmdclass = _extensions()
+ext_modules, cmdclass = _extensions(_build_settings())
 
 setup(
     name="cots-kernels",
@@ -82,15 +94,16 @@ setup(
     description="Fused GPU kernels for two-stream vision-language retrieval training (COTS)",
     packages=find_packages(include=["cots_kernels", "cots_kernels.*", "cots", "cots.*"]),
     python_requires=">=3.10",
-    install_requires=["torch>=2.4", "numpy"],
+    # ninja: torch.utils.cpp_extension.load needs it for the first-use build.
+    install_requires=["torch>=2.4", "numpy", "ninja"],
     extras_require={
         "triton": ["triton>=3.6"],
-        "test": ["pytest>=8", "pytest-benchmark>=5", "ninja"],
+        "test": ["pytest>=8", "pytest-benchmark>=5"],
         # The cots model layer: faiss for exact retrieval search (torch is the fallback),
         # matplotlib for the demo's plot, pillow for caption-json image folders, tqdm for
         # progress bars, tokenizers for Hugging Face text tokenizers (data.hf_tokenizer).
         "cots": ["faiss-cpu", "matplotlib", "pillow", "tqdm", "tokenizers"],
     },
     ext_modules=ext_modules,
-    cmdclass=cmdclass,
+    cmdclass={**cmdclass, "build_py": BuildPyWithSources},
 )
