@@ -7,8 +7,15 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from cots_kernels import linear_cross_entropy
+
+TORCH_LINEAR_CE = "torch_linear_ce"
+"""The name of torch's own ``F.linear_cross_entropy`` in the suites and the report."""
+
+HAS_TORCH_LINEAR_CE = hasattr(F, "linear_cross_entropy") and hasattr(torch.nn, "LinearCrossEntropyOptions")
+"""Whether this torch has the chunked ``F.linear_cross_entropy`` (torch 2.13 does; 2.11 does not)."""
 
 
 @dataclass(frozen=True)
@@ -55,6 +62,20 @@ def loss_step(inputs, impl: str, **options: Any) -> Callable[[], tuple[torch.Ten
 
     def step() -> tuple[torch.Tensor, ...]:
         loss = linear_cross_entropy(hidden, weight, targets, impl=impl, **options)
+        return (loss.detach(), *torch.autograd.grad(loss, [hidden, weight]))
+
+    return step
+
+
+def torch_linear_ce_step(inputs) -> Callable[[], tuple[torch.Tensor, ...]]:
+    """:func:`loss_step` on torch's ``F.linear_cross_entropy``, chunked with its default
+    options (``options=torch.nn.LinearCrossEntropyOptions()``): the peer a user of torch
+    2.13 picks first. Only where :data:`HAS_TORCH_LINEAR_CE`."""
+    hidden, weight, targets = inputs
+    options = torch.nn.LinearCrossEntropyOptions()
+
+    def step() -> tuple[torch.Tensor, ...]:
+        loss = F.linear_cross_entropy(hidden, weight, targets, options=options)
         return (loss.detach(), *torch.autograd.grad(loss, [hidden, weight]))
 
     return step
