@@ -109,7 +109,7 @@ class StandIns:
     """
 
     B = 4
-    _dim, _slots = 32, 48
+    _dim, _slots = 256, 48
     rank = 1  # of 2: the gathered keys below hold 2 * B rows
 
     # ---- the contrastive loss
