@@ -130,8 +130,14 @@ def choice(name: str, value: object, choices: Sequence[str]) -> str:
 
 
 def finite_values(name: str, t: torch.Tensor) -> None:
-    """Raise if ``t`` holds inf or nan: one pass and one host sync, so only on request."""
-    if not bool(torch.isfinite(t).all()):
+    """Raise if ``t`` holds inf or nan: one pass and one host sync, so only on request.
+
+    In a graph torch.compile traces it is an asynchronous device assertion instead.
+    """
+    finite = torch.isfinite(t).all()
+    if torch.compiler.is_compiling():
+        torch._assert_async(finite, f"{name} contains non-finite values (inf or nan)")
+    elif not bool(finite):
         raise ValueError(f"{name} contains non-finite values (inf or nan)")
 
 

@@ -60,6 +60,18 @@ def why_not_triton(*tensors: torch.Tensor | None, auto: bool) -> str | None:
     return f"device {device.type!r} is not supported by Triton kernels here"
 
 
+def wrap_triton(kernel):
+    """``torch.library.wrap_triton(kernel)``: how a ``triton_op`` launches a kernel, so that
+    torch.compile records the launch in its graph (eager calls launch it directly).
+
+    Interpreted kernels (``TRITON_INTERPRET=1``) run inside opaque ops only and are
+    launched as they are (older torch releases refuse them in ``wrap_triton``).
+    """
+    if INTERPRET:
+        return kernel
+    return torch.library.wrap_triton(kernel)
+
+
 def dot_precision() -> str:
     """The ``input_precision`` of float32 ``tl.dot`` products in this process."""
     return "ieee" if UPCAST_DOT_OPERANDS else FP32_DOT_PRECISION
@@ -80,8 +92,12 @@ def device_limits(device_index: int) -> tuple[int, int]:
 
 
 def pow2(n: int, lo: int, hi: int) -> int:
-    """The power of two >= n, clamped to [lo, hi] (tl.dot needs every dim >= 16)."""
-    return min(hi, max(lo, 1 << max(n - 1, 0).bit_length()))
+    """The power of two >= n, clamped to [lo, hi] (tl.dot needs every dim >= 16).
+
+    A symbolic size (torch.compile tracing a triton_op with dynamic shapes) is made
+    concrete: tile sizes are code, so a graph is specialised on them anyway.
+    """
+    return min(hi, max(lo, 1 << max(int(n) - 1, 0).bit_length()))
 
 
 def cdiv(n: int, d: int) -> int:
@@ -126,6 +142,15 @@ class LaunchOverrides:
     dim: int | None = None
     split_cols: int | None = None
     programs: int | None = None
+
+    def as_ints(self) -> list[int]:
+        """The fields as an op argument: a list of ints, 0 where the op keeps its choice."""
+        return [value or 0 for value in (self.rows, self.cols, self.dim, self.split_cols, self.programs)]
+
+    @staticmethod
+    def from_ints(values: list[int]) -> LaunchOverrides:
+        """The inverse of :meth:`as_ints`."""
+        return LaunchOverrides(*(value or None for value in values))
 
     def apply(self, tiles: Tiles) -> Tiles:
         """``tiles`` with the forced sizes."""

@@ -21,7 +21,14 @@ Per step, in this order:
 
 All ranks then hold the same queue and the same threshold, so a pair's weight does not
 depend on which rank holds it. Everything stays on the device (no host sync) and is
-deterministic.
+deterministic: the step, ring pointer and fill count are device tensors too, and the
+warm-up is a ``torch.where`` rather than a branch, so a compiled step neither reads nor
+recompiles for them.
+
+The statistics of step 2 are ``torch.std_mean`` of the whole queue once it has filled
+(bit for bit what a slice of it gives); before that (``warmup_steps`` shorter than the
+fill) they are taken over the written prefix through a mask, which rounds differently
+from ``std_mean`` of the prefix in the last float64 bits.
 """
 
 from __future__ import annotations
@@ -34,10 +41,10 @@ import torch.distributed as dist
 from torch import nn
 
 from .distributed import all_gather_rows
-from .queues import ring_write_
+from .queues import RingPosition
 
 
-class AdaptiveMomentumFilter(nn.Module):
+class AdaptiveMomentumFilter(RingPosition, nn.Module):
     """Per-pair 0/1 weights from a queue of momentum positive-pair similarities.
 
     Args:
@@ -50,10 +57,11 @@ class AdaptiveMomentumFilter(nn.Module):
             when ``torch.distributed`` is initialised).
         gather: False keeps a per-rank queue of local similarities only.
 
-    The queue is the buffer ``similarities`` (``queue_size``,) float32; the step, ring
-    pointer and fill count are in the state_dict (``_extra_state``). After a call,
-    ``last_threshold`` holds the threshold used (a 0-dim float64 tensor, or None in
-    warm-up).
+    The queue is the buffer ``similarities`` (``queue_size``,) float32. The call count,
+    ring pointer and fill count are the 0-dim int64 buffers ``calls``, ``slot`` and
+    ``count`` (read by ``step``, ``ptr``, ``enqueued``, ``filled``), in the state_dict as
+    ints (``_extra_state``). After a call, ``last_threshold`` holds the threshold used (a
+    0-dim float64 tensor, or None in warm-up; reading it reads the device).
     """
 
     def __init__(
@@ -80,25 +88,44 @@ class AdaptiveMomentumFilter(nn.Module):
         self.warmup_steps = warmup_steps
         self.process_group = process_group
         self.gather = gather
-        self.step = 0
-        self.ptr = 0
-        self.enqueued = 0
-        self.last_threshold: torch.Tensor | None = None
         self.register_buffer("similarities", torch.zeros(queue_size, device=device))
+        self.register_buffer("calls", torch.zeros((), dtype=torch.int64, device=device), persistent=False)
+        self._register_position(queue_size, device)
+        self.register_buffer("threshold", torch.zeros((), dtype=torch.float64, device=device), persistent=False)
+        self.register_buffer("judged", torch.zeros((), dtype=torch.bool, device=device), persistent=False)
 
     @property
-    def filled(self) -> int:
-        """Values in the queue (at most ``queue_size``)."""
-        return min(self.enqueued, self.queue_size)
+    def step(self) -> int:
+        """Calls so far (read from the device)."""
+        return int(self.calls)
 
     @property
     def warming_up(self) -> bool:
-        """Whether the next call returns all-ones weights."""
-        if self.filled < 2:
-            return True
+        """Whether the next call returns all-ones weights (read from the device)."""
+        return bool(self._warming_up())
+
+    @property
+    def last_threshold(self) -> torch.Tensor | None:
+        """The threshold of the last call (0-dim float64), None if it was in warm-up."""
+        return self.threshold.clone() if bool(self.judged) else None
+
+    def _warming_up(self) -> torch.Tensor:
+        """0-dim bool: fewer than 2 values, or the warm-up steps (or first fill) not done."""
         if self.warmup_steps is None:
-            return self.enqueued < self.queue_size
-        return self.step < self.warmup_steps
+            return self.count < self.queue_size  # fewer than 2 values is a fill not done
+        return (self.count < 2) | (self.calls < self.warmup_steps)
+
+    def _threshold(self) -> torch.Tensor:
+        """mean - k * std (population, float64) of the values in the queue."""
+        queue = self.similarities.double()
+        std, mean = torch.std_mean(queue, correction=0)
+        filled = self.count.clamp(max=self.queue_size)
+        written = torch.arange(self.queue_size, device=queue.device) < filled  # the prefix [0, filled)
+        n = filled.clamp_min(1).double()
+        prefix_mean = torch.where(written, queue, 0.0).sum() / n
+        prefix_std = (torch.where(written, queue - prefix_mean, 0.0).square().sum() / n).sqrt()
+        full = filled == self.queue_size
+        return torch.where(full, mean - self.k * std, prefix_mean - self.k * prefix_std)
 
     @torch.no_grad()
     def forward(self, similarity: torch.Tensor) -> torch.Tensor:
@@ -120,28 +147,24 @@ class AdaptiveMomentumFilter(nn.Module):
         if similarity.device != self.similarities.device:
             raise ValueError(f"similarity is on {similarity.device} but the queue is on {self.similarities.device}")
         values = similarity.detach().float()
-        if self.warming_up:
-            weights = torch.ones_like(values)
-            self.last_threshold = None
-        else:
-            std, mean = torch.std_mean(self.similarities[: self.filled].double(), correction=0)
-            threshold = mean - self.k * std
-            weights = (values.double() >= threshold).float()  # NaN similarities: dropped
-            self.last_threshold = threshold
+        warming = self._warming_up()
+        threshold = self._threshold()
+        judged = (values.double() >= threshold).float()  # NaN similarities: dropped
+        weights = torch.where(warming, torch.ones_like(judged), judged)
+        self.threshold.copy_(threshold)
+        self.judged.copy_(~warming)
         if self.gather:
             values = all_gather_rows(values, self.process_group)
-        self.ptr = ring_write_(self.similarities, values, self.ptr)
-        self.enqueued += values.shape[0]
-        self.step += 1
+        self._enqueue([self.similarities], [values])
+        self.calls.add_(1)
         return weights
 
     def get_extra_state(self) -> dict[str, Any]:
-        return {"step": self.step, "ptr": self.ptr, "enqueued": self.enqueued}
+        return {"step": self.step, **self._position_state()}
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
-        self.step = int(state["step"])
-        self.ptr = int(state["ptr"])
-        self.enqueued = int(state["enqueued"])
+        self.calls.fill_(int(state["step"]))
+        self._load_position(state)
 
     def extra_repr(self) -> str:
         return f"queue_size={self.queue_size}, k={self.k}, warmup_steps={self.warmup_steps}, step={self.step}"

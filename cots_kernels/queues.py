@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from . import _library
 from .distributed import all_gather_rows
 
 INITS = ("random", "zeros")
@@ -42,7 +43,76 @@ def ring_write_(buffer: torch.Tensor, rows: torch.Tensor, ptr: int) -> int:
     return (ptr + n) % size
 
 
-class PairedQueue(nn.Module):
+@_library.custom_op("ring_enqueue", mutates_args=("buffers", "ptr", "count"))
+def ring_enqueue(buffers: list[torch.Tensor], rows: list[torch.Tensor], ptr: torch.Tensor, count: torch.Tensor) -> None:
+    """Write ``rows[i]`` into ``buffers[i]`` from slot ``ptr`` on, wrapping around; advance
+    ``ptr`` to the next slot and ``count`` by the rows, all in place on the device.
+
+    :func:`ring_write_` with the pointer a tensor: the slots are computed on the device
+    and the rows written with ``index_copy_``, so that nothing is read on the host and a
+    compiled step takes the pointer as data, not as a constant it would recompile for.
+
+    Args:
+        buffers: (size, ...) ring storages of one size, written alike (index-aligned queues).
+        rows: (n, ...) new entries for each buffer, the same n; cast to the buffer's dtype.
+            With n > size only the last ``size`` rows are kept, as sequential writes leave them.
+        ptr: 0-dim int64, the next slot to write, in [0, size).
+        count: 0-dim int64, the rows enqueued so far.
+    """
+    size, n = buffers[0].shape[0], rows[0].shape[0]
+    kept = min(n, size)
+    slots = (ptr + (n - kept) + torch.arange(kept, device=ptr.device)) % size  # (kept,)
+    for buffer, new in zip(buffers, rows):
+        buffer.index_copy_(0, slots, new[n - kept :].to(buffer.dtype))
+    ptr.copy_((ptr + n) % size)
+    count.add_(n)
+
+
+class RingPosition:
+    """For an ``nn.Module`` holding ring buffers of ``ring_size`` slots: where the next
+    write goes and how many rows were written, as the 0-dim int64 buffers ``slot`` and
+    ``count`` on the device, advanced in place by :meth:`_enqueue` (so neither an enqueue
+    nor a compiled step reads them on the host). ``ptr``, ``enqueued`` and ``filled`` read
+    them; :meth:`_position_state` / :meth:`_load_position` keep them in a state_dict's
+    ``_extra_state`` as ints.
+    """
+
+    ring_size: int
+    slot: torch.Tensor
+    count: torch.Tensor
+
+    def _register_position(self, size: int, device: torch.device | None) -> None:
+        self.ring_size = size
+        for name in ("slot", "count"):
+            self.register_buffer(name, torch.zeros((), dtype=torch.int64, device=device), persistent=False)
+
+    @property
+    def ptr(self) -> int:
+        """The next slot to write (read from the device)."""
+        return int(self.slot)
+
+    @property
+    def enqueued(self) -> int:
+        """Rows enqueued so far (read from the device)."""
+        return int(self.count)
+
+    @property
+    def filled(self) -> int:
+        """Slots written so far (at most the ring's size): rows ``[:filled]`` are real."""
+        return min(self.enqueued, self.ring_size)
+
+    def _enqueue(self, buffers: list[torch.Tensor], rows: list[torch.Tensor]) -> None:
+        ring_enqueue(buffers, rows, self.slot, self.count)
+
+    def _position_state(self) -> dict[str, int]:
+        return {"ptr": self.ptr, "enqueued": self.enqueued}
+
+    def _load_position(self, state: dict[str, Any]) -> None:
+        self.slot.fill_(int(state["ptr"]))
+        self.count.fill_(int(state["enqueued"]))
+
+
+class PairedQueue(RingPosition, nn.Module):
     """Two index-aligned FIFO queues of momentum keys, image and text, as buffers.
 
     Each step, :meth:`enqueue` gathers the batch's keys from every rank (so all ranks hold
@@ -69,8 +139,11 @@ class PairedQueue(nn.Module):
             ``torch.distributed`` is initialised).
         gather: False enqueues only the local keys (each rank keeps its own queue).
 
-    Buffers ``image_queue`` and ``text_queue`` are (Q, D); the ring pointer and the count
-    of enqueued rows are in the state_dict (``_extra_state``), so a resumed run continues.
+    Buffers ``image_queue`` and ``text_queue`` are (Q, D). The ring pointer and the count
+    of enqueued rows are the 0-dim int64 buffers ``slot`` and ``count``, updated in place
+    on the device (so neither an enqueue nor a compiled step reads them on the host);
+    ``ptr``, ``enqueued`` and ``filled`` read them. They are in the state_dict as before
+    (``_extra_state``, as ints), so a resumed run continues.
     """
 
     def __init__(
@@ -96,8 +169,6 @@ class PairedQueue(nn.Module):
         self.dim, self.size = dim, size
         self.process_group = process_group
         self.gather = gather
-        self.ptr = 0
-        self.enqueued = 0
         if init == "random":
             generator = torch.Generator().manual_seed(seed)
             image = nn.functional.normalize(torch.randn(size, dim, generator=generator), dim=1)
@@ -107,11 +178,7 @@ class PairedQueue(nn.Module):
             text = torch.zeros(size, dim)
         self.register_buffer("image_queue", image.to(device=device, dtype=dtype))
         self.register_buffer("text_queue", text.to(device=device, dtype=dtype))
-
-    @property
-    def filled(self) -> int:
-        """Slots written so far (at most ``size``): rows ``[:filled]`` are real keys."""
-        return min(self.enqueued, self.size)
+        self._register_position(size, device)
 
     def queues(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The (Q, D) image and text queues, the buffers themselves (no copy)."""
@@ -144,16 +211,13 @@ class PairedQueue(nn.Module):
         pairs = torch.cat([image_keys.detach(), text_keys.detach()], dim=1).to(self.image_queue.dtype)
         if self.gather:
             pairs = all_gather_rows(pairs, self.process_group)  # (world * B, 2D)
-        ring_write_(self.image_queue, pairs[:, : self.dim], self.ptr)
-        self.ptr = ring_write_(self.text_queue, pairs[:, self.dim :], self.ptr)
-        self.enqueued += pairs.shape[0]
+        self._enqueue([self.image_queue, self.text_queue], [pairs[:, : self.dim], pairs[:, self.dim :]])
 
     def get_extra_state(self) -> dict[str, Any]:
-        return {"ptr": self.ptr, "enqueued": self.enqueued}
+        return self._position_state()
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
-        self.ptr = int(state["ptr"])
-        self.enqueued = int(state["enqueued"])
+        self._load_position(state)
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, size={self.size}, dtype={self.image_queue.dtype}, ptr={self.ptr}, filled={self.filled}"

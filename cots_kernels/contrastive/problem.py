@@ -98,10 +98,10 @@ def _scale_from_temperature(temperature: Temperature, like: torch.Tensor, acc: t
             raise ValueError(f"temperature is on {temperature.device} but the embeddings are on {like.device}")
         tau = temperature.reshape(())
         ok = torch.isfinite(tau) & (tau > 0)
-        if tau.device.type == "cpu":
+        if tau.device.type == "cpu" and not torch.compiler.is_compiling():
             if not bool(ok):
                 raise ValueError(f"temperature must be positive and finite, got {tau.item()}")
-        else:  # no host sync on accelerators: the check fails the stream instead
+        else:  # no host sync on accelerators nor in compiled graphs: the check fails the stream instead
             torch._assert_async(ok, "cots_contrastive_loss: temperature must be positive and finite")
         return 1.0 / tau.to(acc)
     value = float(temperature)

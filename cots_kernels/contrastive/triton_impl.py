@@ -22,14 +22,20 @@ the kernels of :mod:`.triton_kernels`:
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 
 import torch
 
+from .. import _library
 from .. import _triton_utils as tu
-from .._triton_utils import NO_OVERRIDES, LaunchOverrides, Tiles
-from . import rows
+from .._triton_utils import NO_OVERRIDES, LaunchOverrides, Tiles, wrap_triton
+from . import ops, rows
 from .problem import ContrastiveProblem, RowOptions
+
+if tu.TRITON_INSTALLED:
+    # Module globals, launched as wrap_triton(<name>): that is how torch.library.triton_op
+    # finds the kernels of an op, whose source torch.compile's caches then key on.
+    from .triton_kernels import STATS_PER_GROUP, _bwd_kernel, _bwd_keys_kernel, _fwd_kernel
 
 # Largest embedding dim. Query operands stay resident in shared memory, and the backward
 # keeps two (BLOCK_M, D) float32 accumulators in registers: at D = 512 that already
@@ -235,29 +241,27 @@ def _launch_kwargs(cfg: LaunchConfig, *, keys_kernel: bool = False) -> dict:
 def _forward_stats(problem: ContrastiveProblem, cfg: LaunchConfig) -> torch.Tensor:
     """Off-positive statistics merged over the splits: (G, 3, B) float32 of (m, Z, W)
     for the groups a, b and, with distillation, am, bm."""
-    from . import triton_kernels as kernels
-
     distill = problem.options.distill_alpha > 0
     groups = 4 if distill else 2
     segments = _segments(problem, cfg.split_cols)
     total = sum(seg.splits for seg in segments)
     if total == 0:  # no candidate but the positives: empty sums
-        stats = torch.zeros((groups, kernels.STATS_PER_GROUP, problem.batch), device=problem.device)
+        stats = torch.zeros((groups, STATS_PER_GROUP, problem.batch), device=problem.device)
         stats[:, 0] = -1.0e30
         return stats
     queries = _Queries.of(problem)
-    part = torch.empty((groups * kernels.STATS_PER_GROUP, total, problem.batch), device=problem.device)
+    part = torch.empty((groups * STATS_PER_GROUP, total, problem.batch), device=problem.device)
     row_blocks = tu.cdiv(problem.batch, cfg.tiles.rows)
     with tu.on_device(problem.device):
         for seg in segments:
-            kernels._fwd_kernel[(row_blocks, seg.splits)](
+            wrap_triton(_fwd_kernel)[(row_blocks, seg.splits)](
                 queries.qi, queries.qt, queries.mi, queries.mt, *_segment_args(seg),
                 problem.scale, part,
                 problem.batch, problem.dim, seg.text.shape[0], problem.options.positive_offset,
                 cfg.split_cols, seg.split_base, total,
                 IS_KEYS=seg.is_keys, DISTILL=distill, **_launch_kwargs(cfg),
             )  # fmt: skip
-    m, z, w = part.unflatten(0, (groups, kernels.STATS_PER_GROUP)).unbind(1)  # (G, splits, B) each
+    m, z, w = part.unflatten(0, (groups, STATS_PER_GROUP)).unbind(1)  # (G, splits, B) each
     return torch.stack(tu.merge_splits(m, z, w), dim=1)
 
 
@@ -269,8 +273,6 @@ def _backward_queries(
     Per-split partial sums, each written by one program, reduced here: deterministic,
     no atomics. Zero when no segment is launched (only the positives, added by the host).
     """
-    from . import triton_kernels as kernels
-
     opts = problem.options
     k_pq, k_qp = opts.kl_coefficients
     segments = _segments(problem, cfg.split_cols)
@@ -281,7 +283,7 @@ def _backward_queries(
     ds = torch.zeros((row_blocks, max(total, 1)), **f32)
     with tu.on_device(problem.device):
         for seg in segments:
-            kernels._bwd_kernel[(row_blocks, seg.splits)](
+            wrap_triton(_bwd_kernel)[(row_blocks, seg.splits)](
                 queries.qi, queries.qt, queries.mi, queries.mt, *_segment_args(seg),
                 problem.scale, row_values, dq[0], dq[1], ds,
                 problem.batch, problem.dim, seg.text.shape[0], opts.positive_offset,
@@ -302,13 +304,11 @@ def _backward_keys(
     accumulators), looping over the query rows in tiles of ``tiles.cols``; the batch-key
     logits are recomputed once more, which costs Bk columns, not the queue.
     """
-    from . import triton_kernels as kernels
-
     opts = problem.options
     k_pq, k_qp = opts.kl_coefficients
     dk = torch.zeros((2, problem.num_keys, problem.dim), dtype=torch.float32, device=problem.device)
     with tu.on_device(problem.device):
-        kernels._bwd_keys_kernel[(tu.cdiv(problem.num_keys, cfg.tiles.rows),)](
+        wrap_triton(_bwd_keys_kernel)[(tu.cdiv(problem.num_keys, cfg.tiles.rows),)](
             queries.qi, queries.qt, queries.mi, queries.mt,
             problem.text_keys, problem.image_keys, *problem.text_keys.stride(), *problem.image_keys.stride(),
             problem.scale, row_values, dk[0], dk[1],
@@ -319,60 +319,101 @@ def _backward_keys(
     return dk
 
 
-class _ContrastiveRows(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, scale, qi, qt, ki, kt, ui, ut, options: RowOptions, overrides: LaunchOverrides):
-        problem = ContrastiveProblem(qi, qt, ki, kt, ui, ut, scale, options)
-        distill = options.distill_alpha > 0
-        stats = _forward_stats(problem, launch_config(problem, backward=False, overrides=overrides))
-        a_pos, b_pos, m_pos = rows.positive_logits(problem)
-        a, b = rows.Column.of(a_pos, *stats[0]), rows.Column.of(b_pos, *stats[1])
-        am = rows.Column.of(m_pos, *stats[2]) if distill else None
-        bm = rows.Column.of(m_pos, *stats[3]) if distill else None
-        i2t, t2i, kl, saved = rows.forward_terms(options, a, b, am, bm)
-        ctx.save_for_backward(scale, qi, qt, ki, kt, ui, ut, saved)
-        ctx.options, ctx.overrides = options, overrides
-        ctx.set_materialize_grads(False)
-        return i2t, t2i, kl
+# Registered with _library.kernel_op: a triton_op where the kernels compile for a GPU,
+# whose host code torch.compile then traces (the shapes are those of the batch and the
+# queue, known when it traces).
 
-    @staticmethod
-    def backward(ctx, g_i2t, g_t2i, g_kl):
-        scale, qi, qt, ki, kt, ui, ut, saved = ctx.saved_tensors
-        options: RowOptions = ctx.options
-        if g_i2t is None and g_t2i is None and g_kl is None:
-            return (None,) * 9
-        problem = ContrastiveProblem(qi, qt, ki, kt, ui, ut, scale, options)
-        g = rows.row_grads(options, saved, g_i2t, g_t2i, g_kl)
-        zero = torch.zeros_like(g.c1)
-        row_values = torch.stack(
-            [g.c1, g.c2, zero if g.c3 is None else g.c3, g.lse_a, g.lse_b, g.s_pq, g.s_qp,
-             g.d_pos_a, g.d_pos_b, g.lse_am, g.lse_bm]
-        ).float()  # (ROW_VALUES, B), a missing c3 switches the KL terms off in the kernels  # fmt: skip
-        cfg = launch_config(problem, backward=True, overrides=ctx.overrides)
-        queries, has_kl = _Queries.of(problem), g.c3 is not None
-        dq, ds = _backward_queries(problem, queries, row_values, has_kl, cfg)
-        need = ctx.needs_input_grad
-        want_keys = need[3] or need[4]
-        dk = None
-        if want_keys and options.in_batch_negatives:
-            dk = _backward_keys(problem, queries, row_values, has_kl, cfg)
-        if not options.in_batch_negatives:  # the positives are the only key columns
-            o, batch = options.positive_offset, problem.batch
-            ki_pos, kt_pos = ki[o : o + batch].float(), kt[o : o + batch].float()
-            a_pos, b_pos, _ = rows.positive_logits(problem)
-            dq[0] += g.d_pos_a.float()[:, None] * kt_pos
-            dq[1] += g.d_pos_b.float()[:, None] * ki_pos
-            ds = ds + (g.d_pos_a * a_pos).sum() + (g.d_pos_b * b_pos).sum()
-            if want_keys:
-                dk = torch.zeros((2, problem.num_keys, problem.dim), dtype=torch.float32, device=problem.device)
-                dk[1, o : o + batch] = g.d_pos_a.float()[:, None] * qi.float()
-                dk[0, o : o + batch] = g.d_pos_b.float()[:, None] * qt.float()
-        grad_scale = ds / scale if need[0] else None
-        grad_qi = (dq[0] * scale).to(qi.dtype) if need[1] else None
-        grad_qt = (dq[1] * scale).to(qt.dtype) if need[2] else None
-        grad_ki = (dk[0] * scale).to(ki.dtype) if dk is not None and need[3] else None
-        grad_kt = (dk[1] * scale).to(kt.dtype) if dk is not None and need[4] else None
-        return grad_scale, grad_qi, grad_qt, grad_ki, grad_kt, None, None, None, None
+
+@_library.kernel_op("contrastive_triton", fake=ops.forward_fake)
+def forward_rows(
+    scale: torch.Tensor,
+    image_query: torch.Tensor,
+    text_query: torch.Tensor,
+    image_keys: torch.Tensor,
+    text_keys: torch.Tensor,
+    image_queue: torch.Tensor | None,
+    text_queue: torch.Tensor | None,
+    positive_offset: int,
+    in_batch_negatives: bool,
+    kl_direction: str,
+    distill_alpha: float,
+    overrides: list[int],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-row (i2t, t2i, KL), each (B,) float32, and the (rows.SAVED, B) per-row values
+    the backward reads; ``overrides``: :meth:`LaunchOverrides.as_ints`."""
+    options = RowOptions(positive_offset, in_batch_negatives, kl_direction, distill_alpha)
+    qi, qt, ki, kt = image_query, text_query, image_keys, text_keys
+    problem = ContrastiveProblem(qi, qt, ki, kt, image_queue, text_queue, scale, options)
+    distill = options.distill_alpha > 0
+    cfg = launch_config(problem, backward=False, overrides=LaunchOverrides.from_ints(overrides))
+    stats = _forward_stats(problem, cfg)
+    a_pos, b_pos, m_pos = rows.positive_logits(problem)
+    a, b = rows.Column.of(a_pos, *stats[0]), rows.Column.of(b_pos, *stats[1])
+    am = rows.Column.of(m_pos, *stats[2]) if distill else None
+    bm = rows.Column.of(m_pos, *stats[3]) if distill else None
+    return rows.forward_terms(options, a, b, am, bm)
+
+
+@_library.kernel_op("contrastive_triton_backward", fake=ops.backward_fake)
+def backward_rows(
+    grad_i2t: torch.Tensor | None,
+    grad_t2i: torch.Tensor | None,
+    grad_kl: torch.Tensor | None,
+    saved: torch.Tensor,
+    scale: torch.Tensor,
+    image_query: torch.Tensor,
+    text_query: torch.Tensor,
+    image_keys: torch.Tensor,
+    text_keys: torch.Tensor,
+    image_queue: torch.Tensor | None,
+    text_queue: torch.Tensor | None,
+    positive_offset: int,
+    in_batch_negatives: bool,
+    kl_direction: str,
+    distill_alpha: float,
+    overrides: list[int],
+    needs_grad: list[bool],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of (scale, image_query, text_query, image_keys, text_keys) from the
+    upstream gradients of the three terms (None: nothing depends on that term) and the
+    forward's ``saved``; :func:`._library.unused` where ``needs_grad`` is False."""
+    options = RowOptions(positive_offset, in_batch_negatives, kl_direction, distill_alpha)
+    qi, qt, ki, kt = image_query, text_query, image_keys, text_keys
+    problem = ContrastiveProblem(qi, qt, ki, kt, image_queue, text_queue, scale, options)
+    g = rows.row_grads(options, saved, grad_i2t, grad_t2i, grad_kl)
+    zero = torch.zeros_like(g.c1)
+    row_values = torch.stack(
+        [g.c1, g.c2, zero if g.c3 is None else g.c3, g.lse_a, g.lse_b, g.s_pq, g.s_qp,
+         g.d_pos_a, g.d_pos_b, g.lse_am, g.lse_bm]
+    ).float()  # (ROW_VALUES, B), a missing c3 switches the KL terms off in the kernels  # fmt: skip
+    cfg = launch_config(problem, backward=True, overrides=LaunchOverrides.from_ints(overrides))
+    queries, has_kl = _Queries.of(problem), g.c3 is not None
+    dq, ds = _backward_queries(problem, queries, row_values, has_kl, cfg)
+    want_keys = needs_grad[3] or needs_grad[4]
+    dk = None
+    if want_keys and options.in_batch_negatives:
+        dk = _backward_keys(problem, queries, row_values, has_kl, cfg)
+    if not options.in_batch_negatives:  # the positives are the only key columns
+        o, batch = options.positive_offset, problem.batch
+        ki_pos, kt_pos = ki[o : o + batch].float(), kt[o : o + batch].float()
+        a_pos, b_pos, _ = rows.positive_logits(problem)
+        dq[0] += g.d_pos_a.float()[:, None] * kt_pos
+        dq[1] += g.d_pos_b.float()[:, None] * ki_pos
+        ds = ds + (g.d_pos_a * a_pos).sum() + (g.d_pos_b * b_pos).sum()
+        if want_keys:
+            dk = torch.zeros((2, problem.num_keys, problem.dim), dtype=torch.float32, device=problem.device)
+            dk[1, o : o + batch] = g.d_pos_a.float()[:, None] * qi.float()
+            dk[0, o : o + batch] = g.d_pos_b.float()[:, None] * qt.float()
+    return (
+        ds / scale if needs_grad[0] else _library.unused(scale),
+        (dq[0] * scale).to(qi.dtype) if needs_grad[1] else _library.unused(qi),
+        (dq[1] * scale).to(qt.dtype) if needs_grad[2] else _library.unused(qt),
+        (dk[0] * scale).to(ki.dtype) if needs_grad[3] else _library.unused(ki),
+        (dk[1] * scale).to(kt.dtype) if needs_grad[4] else _library.unused(kt),
+    )
+
+
+ops.register_autograd(forward_rows, backward_rows)
 
 
 def run(
@@ -384,4 +425,5 @@ def run(
     keys. ``overrides`` forces launch settings (``rows``, ``cols`` tiles, ``split_cols``);
     the result does not depend on them beyond rounding.
     """
-    return _ContrastiveRows.apply(problem.scale, *problem.tensors(), problem.options, overrides)
+    i2t, t2i, kl, _ = forward_rows(problem.scale, *problem.tensors(), *astuple(problem.options), overrides.as_ints())
+    return i2t, t2i, kl

@@ -77,14 +77,12 @@ def check_target_values(targets: torch.Tensor, vocab: int, ignore_index: int) ->
     """Every target in [0, V) or equal to ignore_index.
 
     One pass over the N targets. On a CPU it raises ValueError with the offending value;
-    on an accelerator it queues an asynchronous device assertion instead of a host sync
-    (a failure then surfaces at the next synchronisation, as F.cross_entropy's own
-    device-side check does).
+    on an accelerator, and in a graph torch.compile traces, it queues an asynchronous
+    device assertion instead of a host read (a failure then surfaces at the next
+    synchronisation, as F.cross_entropy's own device-side check does).
     """
-    if targets.numel() == 0:
-        return
     bad = ((targets < 0) | (targets >= vocab)) & (targets != ignore_index)
-    if targets.device.type == "cpu":
+    if targets.device.type == "cpu" and not torch.compiler.is_compiling():
         if bool(bad.any()):
             value = targets[bad][0].item()
             raise ValueError(

@@ -26,8 +26,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch.autograd.function import once_differentiable
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
+from .. import _library
 from .. import _triton_utils as tu
 from .._triton_utils import NO_OVERRIDES, LaunchOverrides, Tiles
 from .problem import LinearCEProblem, Options
@@ -125,7 +126,7 @@ def why_not(problem: LinearCEProblem, auto: bool) -> str | None:
         return reason
     if problem.dtype == torch.float64:
         return "float64 inputs are not supported: the Triton kernels accumulate in float32"
-    if problem.rows == 0:
+    if statically_known_true(problem.rows == 0):  # N known only at run time: the op handles 0 itself
         return "no rows (N = 0): nothing to launch"
     return None
 
@@ -245,28 +246,60 @@ def _backward_weight(
     return dw, db
 
 
-class _LinearCERows(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, options: Options, overrides: LaunchOverrides):
-        problem = LinearCEProblem(hidden, weight, targets, bias, options)
-        cfg = launch_config(problem, overrides)
-        rows, lse = _forward_rows(problem, _Operands.of(problem), cfg)
-        ctx.save_for_backward(hidden, weight, bias, targets, lse)
-        ctx.options, ctx.cfg = options, cfg
-        ctx.set_materialize_grads(False)
-        return rows
+# Opaque ops rather than triton_ops: the launch settings are Python functions of N
+# (tiles, splits), and N, the masked positions of a batch selected with nonzero(), may be
+# known only at run time, where an opaque op computes them.
 
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_rows):
-        hidden, weight, bias, targets, lse = ctx.saved_tensors
-        need = ctx.needs_input_grad
-        grad_h = grad_w = grad_b = None
-        if grad_rows is None or not any(need[:3]):
-            return grad_h, grad_w, grad_b, None, None, None
-        problem = LinearCEProblem(hidden, weight, targets, bias, ctx.options)
+
+@_library.custom_op("linear_ce_triton")
+def forward_rows(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    targets: torch.Tensor,
+    ignore_index: int,
+    label_smoothing: float,
+    overrides: list[int],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row losses (N,) float32 (0 on ignored rows) and log-sum-exps (N,) float32;
+    ``overrides``: :meth:`LaunchOverrides.as_ints`."""
+    problem = LinearCEProblem(hidden, weight, targets, bias, Options(ignore_index, label_smoothing))
+    if problem.rows == 0:  # why_not refuses N = 0 only where N is known when the op is traced
+        return hidden.new_zeros(0, dtype=torch.float32), hidden.new_zeros(0, dtype=torch.float32)
+    cfg = launch_config(problem, LaunchOverrides.from_ints(overrides))
+    return _forward_rows(problem, _Operands.of(problem), cfg)
+
+
+@forward_rows.register_fake
+def _forward_rows_fake(hidden, *args):
+    return tuple(hidden.new_empty(hidden.shape[0], dtype=torch.float32) for _ in range(2))
+
+
+@_library.custom_op("linear_ce_triton_backward")
+def backward_rows(
+    grad_rows: torch.Tensor,
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    targets: torch.Tensor,
+    lse: torch.Tensor,
+    ignore_index: int,
+    label_smoothing: float,
+    overrides: list[int],
+    needs_grad: list[bool],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of hidden, weight and bias in their dtypes from the per-row upstream
+    ``grad_rows`` (:func:`._library.unused` where ``needs_grad`` is False)."""
+    problem = LinearCEProblem(hidden, weight, targets, bias, Options(ignore_index, label_smoothing))
+    grad_h = grad_w = grad_b = None
+    if problem.rows == 0:
+        grad_h = torch.zeros_like(hidden) if needs_grad[0] else None
+        grad_w = torch.zeros_like(weight) if needs_grad[1] else None
+        grad_b = torch.zeros_like(bias) if needs_grad[2] else None
+    else:
+        cfg = launch_config(problem, LaunchOverrides.from_ints(overrides))
         ops = _Operands.of(problem)
-        valid = targets != ctx.options.ignore_index
+        valid = targets != ignore_index
         # Per-row coefficient g_i, 0 on ignored rows (also where g_i is inf: the mean of
         # an all-ignored batch divides by 0, and PyTorch's gradients are 0 there). The
         # kernels take g_i / max |g|, so dz = g_i (softmax - target) keeps the magnitude
@@ -277,11 +310,38 @@ class _LinearCERows(torch.autograd.Function):
         coef = torch.where(valid, grad_rows.to(torch.float32), 0.0)
         coef_max = coef.abs().amax().clamp_min(torch.finfo(torch.float32).tiny)  # no host sync
         coef = (coef / coef_max).contiguous()
-        if need[0]:
-            grad_h = _backward_hidden(problem, ops, lse, coef, coef_max, ctx.cfg)
-        if need[1] or need[2]:
-            grad_w, grad_b = _backward_weight(problem, ops, lse, coef, coef_max, ctx.cfg, need[1], bool(need[2]))
-        return grad_h, grad_w, grad_b, None, None, None
+        if needs_grad[0]:
+            grad_h = _backward_hidden(problem, ops, lse, coef, coef_max, cfg)
+        if needs_grad[1] or needs_grad[2]:
+            grad_w, grad_b = _backward_weight(problem, ops, lse, coef, coef_max, cfg, needs_grad[1], needs_grad[2])
+    return tuple(_library.unused(hidden) if g is None else g for g in (grad_h, grad_w, grad_b))
+
+
+@backward_rows.register_fake
+def _backward_rows_fake(grad_rows, hidden, weight, bias, *args):
+    needs_grad = args[-1]
+    return tuple(
+        t.new_empty(t.shape) if need else _library.unused(hidden) for t, need in zip((hidden, weight, bias), needs_grad)
+    )
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    hidden, weight, bias, targets, *options = inputs
+    ctx.save_for_backward(hidden, weight, bias, targets, output[1])
+    ctx.options = options  # ignore_index, label_smoothing, overrides
+    ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)
+
+
+def _backward(ctx, grad_rows, _grad_lse):
+    needs = list(ctx.needs_input_grad[:3])
+    if grad_rows is None or not any(needs):
+        return (None,) * 7
+    grads = backward_rows(grad_rows, *ctx.saved_tensors, *ctx.options, needs)
+    return *(g if need else None for g, need in zip(grads, needs)), None, None, None, None
+
+
+forward_rows.register_autograd(_backward, setup_context=_setup_context)
 
 
 def run(problem: LinearCEProblem, overrides: LaunchOverrides = NO_OVERRIDES) -> torch.Tensor:
@@ -291,6 +351,8 @@ def run(problem: LinearCEProblem, overrides: LaunchOverrides = NO_OVERRIDES) -> 
     (``rows``, ``cols``, ``dim`` tiles, ``split_cols``, weight-gradient ``programs``);
     the result does not depend on them beyond rounding.
     """
-    return _LinearCERows.apply(
-        problem.hidden, problem.weight, problem.bias, problem.targets, problem.options, overrides
-    )
+    opts = problem.options
+    return forward_rows(
+        problem.hidden, problem.weight, problem.bias, problem.targets,
+        opts.ignore_index, opts.label_smoothing, overrides.as_ints(),
+    )[0]  # fmt: skip

@@ -5,8 +5,9 @@ Lq, Lk) combined with the causal triangle (SDPA refuses ``attn_mask`` together w
 ``is_causal``). SDPA backends disagree on rows that see no key (NaN on some, zeros on
 others), so such rows are unmasked before the call and their output zeroed after it:
 the zeroing also stops their gradient. On a CPU the check for such rows is a free host
-read and the fix is skipped when there are none; on an accelerator it always runs (one
-pass over the output) rather than synchronising with the host.
+read and the fix is skipped when there are none; on an accelerator, and in a graph
+torch.compile traces, it always runs (one pass over the output) rather than reading
+the mask on the host.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ def _mask_and_empty_rows(problem: AttentionProblem) -> tuple[torch.Tensor | None
         return None, None
     allowed = allowed_keys(problem)  # (B, 1, 1, Lk), or (B, 1, Lq, Lk) when causal
     has_key = allowed.any(dim=-1, keepdim=True)  # (B, 1, Lq|1, 1)
-    if problem.device.type == "cpu" and bool(has_key.all()):
+    if problem.device.type == "cpu" and not torch.compiler.is_compiling() and bool(has_key.all()):
         return allowed, None
     empty = ~has_key
     return allowed | empty, empty

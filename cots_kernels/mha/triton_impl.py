@@ -26,13 +26,19 @@ The kernels are in :mod:`.triton_kernels`; the mask semantics in ``docs/attentio
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 
 import torch
 
+from .. import _library
 from .. import _triton_utils as tu
-from .._triton_utils import Tiles
+from .._triton_utils import Tiles, wrap_triton
 from .problem import AttentionProblem
+
+if tu.TRITON_INSTALLED:
+    # Module globals, launched as wrap_triton(<name>): that is how torch.library.triton_op
+    # finds the kernels of an op, whose source torch.compile's caches then key on.
+    from .triton_kernels import _bwd_dkdv_kernel, _bwd_dq_kernel, _fwd_kernel
 
 LOG2E = 1.4426950408889634
 
@@ -61,6 +67,15 @@ class LaunchConfig:
     backward_dq: Tiles
     backward_dkdv: Tiles
     mask_chunk: int
+
+    def as_ints(self) -> list[int]:
+        """The settings as an op argument: each kernel's five tile fields, then the mask chunk."""
+        return [*astuple(self.forward), *astuple(self.backward_dq), *astuple(self.backward_dkdv), self.mask_chunk]
+
+    @staticmethod
+    def from_ints(values: list[int]) -> LaunchConfig:
+        """The inverse of :meth:`as_ints`."""
+        return LaunchConfig(Tiles(*values[0:5]), Tiles(*values[5:10]), Tiles(*values[10:15]), values[15])
 
 
 def launch_config(problem: AttentionProblem) -> LaunchConfig:
@@ -183,8 +198,6 @@ def _mask_args(mask: torch.Tensor | None, q: torch.Tensor) -> tuple[torch.Tensor
 
 
 def _forward(q, k, v, mask, spec: _Spec) -> tuple[torch.Tensor, torch.Tensor]:
-    from .triton_kernels import _fwd_kernel
-
     batch, heads, seq_q, _ = q.shape
     seq_k = k.shape[2]
     tile = spec.config.forward
@@ -192,7 +205,7 @@ def _forward(q, k, v, mask, spec: _Spec) -> tuple[torch.Tensor, torch.Tensor]:
     lse = torch.empty(batch, heads, seq_q, dtype=torch.float32, device=q.device)
     mask_ptr, mask_stride = _mask_args(mask, q)
     num_m = tu.cdiv(seq_q, tile.rows)
-    _fwd_kernel[(batch * heads * num_m,)](
+    wrap_triton(_fwd_kernel)[(batch * heads * num_m,)](
         q, k, v, out, lse, mask_ptr,
         spec.scale * LOG2E,
         *_bhl(q), *_bhl(k), *_bhl(v), *_bhl(out),
@@ -204,8 +217,6 @@ def _forward(q, k, v, mask, spec: _Spec) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _backward(do, q, k, v, out, lse, mask, spec: _Spec) -> tuple[torch.Tensor, ...]:
-    from .triton_kernels import _bwd_dkdv_kernel, _bwd_dq_kernel
-
     batch, heads, seq_q, _ = q.shape
     seq_k = k.shape[2]
     dq, dk, dv = _empty_bhld(q, seq_q), _empty_bhld(k, seq_k), _empty_bhld(v, seq_k)
@@ -214,7 +225,7 @@ def _backward(do, q, k, v, out, lse, mask, spec: _Spec) -> tuple[torch.Tensor, .
 
     tile = spec.config.backward_dq
     num_m = tu.cdiv(seq_q, tile.rows)
-    _bwd_dq_kernel[(batch * heads * num_m,)](
+    wrap_triton(_bwd_dq_kernel)[(batch * heads * num_m,)](
         q, k, v, out, do, dq, lse, delta, mask_ptr,
         spec.scale * LOG2E, spec.scale,
         *_bhl(q), *_bhl(k), *_bhl(v), *_bhl(out), *_bhl(do), *_bhl(dq),
@@ -225,7 +236,7 @@ def _backward(do, q, k, v, out, lse, mask, spec: _Spec) -> tuple[torch.Tensor, .
 
     tile = spec.config.backward_dkdv
     num_n = tu.cdiv(seq_k, tile.cols)
-    _bwd_dkdv_kernel[(batch * heads * num_n,)](
+    wrap_triton(_bwd_dkdv_kernel)[(batch * heads * num_n,)](
         q, k, v, do, dk, dv, lse, delta, mask_ptr,
         spec.scale * LOG2E, spec.scale,
         *_bhl(q), *_bhl(k), *_bhl(v), *_bhl(do), *_bhl(dk), *_bhl(dv),
@@ -236,24 +247,79 @@ def _backward(do, q, k, v, out, lse, mask, spec: _Spec) -> tuple[torch.Tensor, .
     return dq, dk, dv
 
 
-class _TritonAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, mask, spec: _Spec):
-        q, k, v = _unit_stride(q), _unit_stride(k), _unit_stride(v)
-        if mask is not None:
-            mask = _unit_stride(mask)
-        with tu.on_device(q.device):
-            out, lse = _forward(q, k, v, mask, spec)
-        ctx.save_for_backward(q, k, v, out, lse, mask)
-        ctx.spec = spec
-        return out
+def _spec(q, k, v, mask, causal: bool, scale: float, config: list[int]) -> _Spec:
+    """The call's settings; an empty ``config`` takes :func:`launch_config`'s choice."""
+    if config:
+        return _Spec(causal, scale, LaunchConfig.from_ints(config))
+    return _Spec(causal, scale, launch_config(AttentionProblem(q, k, v, mask, causal, scale, 0.0)))
 
-    @staticmethod
-    def backward(ctx, grad_out):
-        q, k, v, out, lse, mask = ctx.saved_tensors
-        with tu.on_device(q.device):
-            dq, dk, dv = _backward(_unit_stride(grad_out), q, k, v, out, lse, mask, ctx.spec)
-        return dq, dk, dv, None, None
+
+def _forward_fake(q, k, v, *args):
+    batch, heads, seq_q, _ = q.shape
+    return _empty_bhld(q, seq_q), q.new_empty(batch, heads, seq_q, dtype=torch.float32)
+
+
+def _backward_fake(grad_out, q, k, v, *args):
+    return _empty_bhld(q, q.shape[2]), _empty_bhld(k, k.shape[2]), _empty_bhld(v, v.shape[2])
+
+
+# Registered with _library.kernel_op: a triton_op where the kernels compile for a GPU,
+# whose host code torch.compile then traces (sequence lengths and head dims are known
+# when it traces).
+
+
+@_library.kernel_op("attention_triton", fake=_forward_fake)
+def forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_padding_mask: torch.Tensor | None,
+    causal: bool,
+    scale: float,
+    config: list[int],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out (B, H, Lq, d) laid out as (B, Lq, H, d), the log-sum-exp of each row (B, H, Lq)
+    float32); ``config``: :meth:`LaunchConfig.as_ints`, or empty for the pinned choice."""
+    spec = _spec(q, k, v, key_padding_mask, causal, scale, config)
+    mask = None if key_padding_mask is None else _unit_stride(key_padding_mask)
+    with tu.on_device(q.device):
+        return _forward(_unit_stride(q), _unit_stride(k), _unit_stride(v), mask, spec)
+
+
+@_library.kernel_op("attention_triton_backward", fake=_backward_fake)
+def backward(
+    grad_out: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    key_padding_mask: torch.Tensor | None,
+    causal: bool,
+    scale: float,
+    config: list[int],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv), each laid out as (B, L, H, d), from the forward's output and log-sum-exp."""
+    spec = _spec(q, k, v, key_padding_mask, causal, scale, config)
+    mask = None if key_padding_mask is None else _unit_stride(key_padding_mask)
+    q, k, v = _unit_stride(q), _unit_stride(k), _unit_stride(v)
+    with tu.on_device(q.device):
+        return _backward(_unit_stride(grad_out), q, k, v, out, lse, mask, spec)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    q, k, v, mask, *settings = inputs
+    ctx.save_for_backward(q, k, v, *output, mask)
+    ctx.settings = settings  # causal, scale, config
+    ctx.mark_non_differentiable(output[1])
+
+
+def _backward_formula(ctx, grad_out, _grad_lse):
+    q, k, v, out, lse, mask = ctx.saved_tensors
+    return *backward(grad_out, q, k, v, out, lse, mask, *ctx.settings), None, None, None, None
+
+
+forward.register_autograd(_backward_formula, setup_context=_setup_context)
 
 
 def run(problem: AttentionProblem, config: LaunchConfig | None = None) -> torch.Tensor:
@@ -262,7 +328,5 @@ def run(problem: AttentionProblem, config: LaunchConfig | None = None) -> torch.
     ``config`` replaces :func:`launch_config`'s choice (tests force several tiles per
     kernel and a multi-step mask scan); the result does not depend on it beyond rounding.
     """
-    if config is None:
-        config = launch_config(problem)
-    spec = _Spec(problem.causal, problem.scale, config)
-    return _TritonAttention.apply(problem.q, problem.k, problem.v, problem.key_padding_mask, spec)
+    settings = (problem.causal, problem.scale, [] if config is None else config.as_ints())
+    return forward(problem.q, problem.k, problem.v, problem.key_padding_mask, *settings)[0]

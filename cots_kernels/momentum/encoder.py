@@ -69,7 +69,12 @@ class MomentumEncoder(nn.Module):
         impl: passed to :func:`momentum_update_`.
 
     The step count lives in the state_dict (``_extra_state``), so a resumed run continues
-    the schedule where it stopped.
+    the schedule where it stopped. It is counted in the buffer ``updates`` (a 0-dim int64
+    tensor on the module's device, incremented in place), so that neither an update nor a
+    torch.compile'd graph of it reads or guards on a Python int that changes every step;
+    :attr:`step` reads it on the host. The cosine schedule, whose momentum is a host float
+    handed to the kernels, also keeps a host copy of the count, so a compiled update
+    with it recompiles each step: compile with the constant schedule.
     """
 
     def __init__(
@@ -96,7 +101,8 @@ class MomentumEncoder(nn.Module):
         self.flat = bool(flat)
         self.mode = mode
         self.impl = impl
-        self.step = 0
+        self.register_buffer("updates", torch.zeros((), dtype=torch.int64), persistent=False)
+        self._schedule_step = 0  # the cosine schedule's host copy of the count
         online = unwrap(module)
         # Not registered as a submodule: the online encoder belongs to the model.
         self.__dict__["_online"] = online
@@ -122,9 +128,19 @@ class MomentumEncoder(nn.Module):
         return self.__dict__["_online"]
 
     @property
+    def step(self) -> int:
+        """Updates done so far (read from the device)."""
+        return int(self.updates)
+
+    @step.setter
+    def step(self, value: int) -> None:
+        self.updates.fill_(value)
+        self._schedule_step = int(value)
+
+    @property
     def current_momentum(self) -> float:
         """The momentum the next :meth:`update` will use."""
-        return self.schedule(self.step)
+        return self.schedule(self._schedule_step)
 
     @property
     def flat_buffers(self) -> list[torch.Tensor]:
@@ -148,7 +164,9 @@ class MomentumEncoder(nn.Module):
         momentum_update_(momentum_params, online_params, momentum, impl=self.impl)
         for mine, theirs in zip(self.module.buffers(), self.online.buffers()):
             mine.copy_(theirs)
-        self.step += 1
+        self.updates.add_(1)
+        if self.schedule.kind != "constant":
+            self._schedule_step += 1
         return momentum
 
     def is_flat(self) -> bool:
@@ -169,7 +187,7 @@ class MomentumEncoder(nn.Module):
         return {"step": self.step}
 
     def set_extra_state(self, state: dict[str, int]) -> None:
-        self.step = int(state["step"])
+        self.step = state["step"]
 
     def extra_repr(self) -> str:
         s = self.schedule

@@ -91,6 +91,24 @@ def _check_dtype(t: torch.Tensor, name: str) -> None:
         raise TypeError(f"{name} must be a floating tensor (float16, bfloat16, float32 or float64), got {t.dtype}")
 
 
+def check_devices(problem: EmaProblem) -> None:
+    """Every tensor on the first momentum tensor's device.
+
+    The compiled kernels check this too, but they are ops: the dispatcher routes a call
+    by its tensors' devices before any kernel sees them (a meta tensor among them would
+    run the op's shape function, which writes nothing), so the ops' callers check first.
+
+    Raises:
+        ValueError: naming the first tensor on another device.
+    """
+    device = problem.momentum_params[0].device
+    for i, (m, p) in enumerate(zip(problem.momentum_params, problem.online_params)):
+        if m.device != device:
+            raise ValueError(f"momentum_params[{i}] is on {m.device} but momentum_params[0] is on {device}")
+        if p.device != device:
+            raise ValueError(f"online_params[{i}] is on {p.device} but momentum_params[0] is on {device}")
+
+
 def group_pairs(problem: EmaProblem) -> list[PairGroup]:
     """Check every pair and group them by dtype pair (pairs without elements dropped).
 
@@ -102,14 +120,10 @@ def group_pairs(problem: EmaProblem) -> list[PairGroup]:
     groups: dict[tuple[torch.dtype, torch.dtype], PairGroup] = {}
     if not problem.momentum_params:
         return []
-    device = problem.momentum_params[0].device
+    check_devices(problem)
     for i, (m, p) in enumerate(zip(problem.momentum_params, problem.online_params)):
         _check_dtype(m, f"momentum_params[{i}]")
         _check_dtype(p, f"online_params[{i}]")
-        if m.device != device:
-            raise ValueError(f"momentum_params[{i}] is on {m.device} but momentum_params[0] is on {device}")
-        if p.device != device:
-            raise ValueError(f"online_params[{i}] is on {p.device} but momentum_params[0] is on {device}")
         if m.shape != p.shape:
             raise ValueError(
                 f"momentum_params[{i}] has shape {tuple(m.shape)} but online_params[{i}] has shape {tuple(p.shape)}"

@@ -13,10 +13,10 @@ from __future__ import annotations
 import struct
 
 import torch
-from torch.autograd.graph import increment_version
 
+from .. import _library
 from .. import _triton_utils as tu
-from .problem import EmaProblem, flat_walkable, group_pairs, update_strided_
+from .problem import EmaProblem, check_devices, flat_walkable, group_pairs, update_strided_
 
 # Launch shape, provisional until measured on an H100 (benchmarks/gpu/momentum.py):
 # 16384-element chunks as in the CUDA kernel (~12,000 programs for ViT-B/16 + BERT-base,
@@ -64,10 +64,6 @@ def _launch(momentum: list[torch.Tensor], online: list[torch.Tensor], coefficien
     table, num_chunks = _chunk_table(momentum, online, coefficient)
     m_dtype, p_dtype = momentum[0].dtype, online[0].dtype
     acc = kernels.TL_DTYPES[torch.float64 if m_dtype == torch.float64 else torch.float32]
-    # The kernel writes through raw addresses, which autograd does not see: bump the
-    # version counters so a later use of a saved momentum tensor is still detected.
-    for m in momentum:
-        increment_version(m)
     device = table.device
     with tu.on_device(device):
         kernels._ema_kernel[(num_chunks,)](
@@ -89,14 +85,19 @@ def why_not(problem: EmaProblem, auto: bool) -> str | None:
     return tu.why_not_triton(problem.momentum_params[0], auto=auto)
 
 
-@torch.no_grad()
-def run(problem: EmaProblem) -> None:
-    """Run the update with the Triton kernel (inputs checked by ``group_pairs``).
+@_library.custom_op("momentum_update_triton", mutates_args=("momentum_params",), cudagraph_unsafe=True)
+def update(momentum_params: list[torch.Tensor], online_params: list[torch.Tensor], momentum: float) -> None:
+    """The update with the Triton kernel (inputs checked by ``group_pairs``), an opaque op:
+    the kernel finds the tensors through a table of their addresses, which tracing cannot
+    build, and which each call copies from the host (no CUDA graph can replay that).
+    Declaring the writes also bumps the version counters autograd checks, which writes
+    through raw addresses would not.
 
     Pairs with other layouts than two equally strided dense tensors go through ATen ops.
     Dense pairs are launched in two sets, 16-byte aligned (the vector-load hint holds)
     and not; each set is one launch per dtype pair.
     """
+    problem = EmaProblem(momentum_params, online_params, momentum)
     for group in group_pairs(problem):
         sets: dict[bool, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
         for m, p in zip(group.momentum, group.online):
@@ -109,3 +110,9 @@ def run(problem: EmaProblem) -> None:
             ps.append(p)
         for aligned, (ms, ps) in sets.items():
             _launch(ms, ps, problem.momentum, aligned)
+
+
+def run(problem: EmaProblem) -> None:
+    """Run the update with the Triton kernel."""
+    check_devices(problem)
+    update(problem.momentum_params, problem.online_params, problem.momentum)
