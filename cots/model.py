@@ -15,6 +15,7 @@ on the slices of a global batch compute what one process computes on the whole b
 
 from __future__ import annotations
 
+import contextlib
 from typing import NamedTuple
 
 import torch
@@ -35,6 +36,18 @@ from cots_kernels import (
 from cots_kernels.distributed import all_gather_rows, rank_and_world
 
 TERMS = ("itc", "i2t", "t2i", "kl", "mlm", "mvm", "kept", "temperature")
+
+
+def compile_settings() -> contextlib.AbstractContextManager:
+    """The torch.compile settings under which :class:`COTSModel` compiles with
+    ``fullgraph=True``: call (and so trace) the compiled forward inside them.
+
+    The MLM and MVM heads score the masked positions only, selected with ``nonzero()``,
+    whose count is known at run time: Dynamo then keeps it as a symbolic size
+    (``capture_dynamic_output_shape_ops``) instead of breaking the graph there. Padding
+    the selection to a fixed count would cost vocabulary work on rows that predict nothing.
+    """
+    return torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True)
 
 
 class COTSOutput(NamedTuple):
@@ -243,7 +256,9 @@ class COTSModel(nn.Module):
             labels = batch["mlm_labels"]
             tokens = self.text.encoder(batch["mlm_input_ids"], attention_mask)
             picked = labels != -100  # (B, L)
-            rows, cols = picked.nonzero().unbind(1)  # one host sync; rows: the pair of each token
+            # One host sync, and under torch.compile a size known only at run time (see
+            # compile_settings): the head then scores the masked tokens only.
+            rows, cols = picked.nonzero().unbind(1)  # rows: the pair of each token
             sums["mlm"] = self.mlm_head(tokens[rows, cols], image_global[rows], labels[rows, cols])
             counts["mlm"] = picked.sum()
         if self.mvm_head is not None:
@@ -277,10 +292,21 @@ class COTSModel(nn.Module):
         keys, offset = (image_keys, text_keys), 0
         if cfg.in_batch_negatives:  # score against the global batch; our positives start at rank * B
             keys, offset = tuple(all_gather_rows(k) for k in keys), rank * image_keys.shape[0]
-        queues = self.queue.queues() if self.image_momentum.step >= cfg.queue_warmup_steps else (None, None)
-        return self.contrastive(
-            image_query, text_query, *keys, *queues, sample_weight=weight, positive_offset=offset
-        )  # fmt: skip
+
+        def loss(*queues: torch.Tensor | None) -> ContrastiveOutput:
+            return self.contrastive(
+                image_query, text_query, *keys, *queues, sample_weight=weight, positive_offset=offset
+            )  # fmt: skip
+
+        if cfg.queue_warmup_steps == 0:
+            return loss(*self.queue.queues())
+        # A branch on the step count would read it on the host (a sync on a GPU, and a
+        # recompile of a compiled step when it flips), so both losses are computed and
+        # the device picks one: the warm-up's steps cost what later steps cost, and later
+        # steps a batch-only loss more. The other loss gets zero gradients.
+        scored = self.image_momentum.updates >= cfg.queue_warmup_steps  # 0-dim bool
+        with_queue, batch_only = loss(*self.queue.queues()), loss(None, None)
+        return ContrastiveOutput(*(torch.where(scored, a, b) for a, b in zip(with_queue, batch_only)))
 
     def _combine(
         self, sums: dict[str, torch.Tensor], counts: dict[str, torch.Tensor], world: int, like: torch.Tensor

@@ -119,7 +119,8 @@ class TextEncoder(nn.Module):
                 outside [0, vocab_size) or an integer mask with values other than 0/1.
                 Those value checks read the data on the host; on an accelerator they
                 would synchronise every step, so they are skipped there (an
-                out-of-range id then fails inside the embedding lookup).
+                out-of-range id then fails inside the embedding lookup). Under
+                torch.compile the CPU checks are asynchronous assertions (RuntimeError).
         """
         self._check_input_ids(input_ids)
         mask = self._as_bool_mask(attention_mask, input_ids)
@@ -138,7 +139,10 @@ class TextEncoder(nn.Module):
         cfg = self.config
         if input_ids.shape[1] > cfg.max_position:
             raise ValueError(f"input_ids has length {input_ids.shape[1]} > config.max_position ({cfg.max_position})")
-        if input_ids.device.type == "cpu" and input_ids.numel() > 0:
+        if input_ids.device.type == "cpu" and torch.compiler.is_compiling():  # a host read would break the graph
+            inside = ((input_ids >= 0) & (input_ids < cfg.vocab_size)).all()
+            torch._assert_async(inside, f"input_ids must lie in [0, vocab_size={cfg.vocab_size})")
+        elif input_ids.device.type == "cpu" and input_ids.numel() > 0:
             low, high = int(input_ids.min()), int(input_ids.max())
             if low < 0 or high >= cfg.vocab_size:
                 raise ValueError(
@@ -160,6 +164,9 @@ class TextEncoder(nn.Module):
             return attention_mask
         if attention_mask.is_floating_point() or attention_mask.is_complex():
             raise TypeError(f"attention_mask must be bool or an integer 0/1 tensor, got {attention_mask.dtype}")
-        if attention_mask.device.type == "cpu" and bool(((attention_mask != 0) & (attention_mask != 1)).any()):
+        if attention_mask.device.type == "cpu" and torch.compiler.is_compiling():
+            binary = ((attention_mask == 0) | (attention_mask == 1)).all()
+            torch._assert_async(binary, "attention_mask of an integer dtype must hold only 0 and 1")
+        elif attention_mask.device.type == "cpu" and bool(((attention_mask != 0) & (attention_mask != 1)).any()):
             raise ValueError("attention_mask of an integer dtype must hold only 0 and 1")
         return attention_mask != 0

@@ -5,9 +5,11 @@ when asked), backward, gradient clipping, AdamW step, schedule step, then
 ``after_step()`` (momentum EMA and enqueue of this step's keys). The loop itself waits
 for the device only at logged steps (and checkpoints): the loss terms and gradient norms
 of the other steps are summed on the device (:class:`LossMeter`). (The model's MLM and
-MVM heads select the masked positions, a host sync each.) The data order is a pure
-function of the step (:class:`StepSampler`), so a resumed run sees exactly the batches
-an uninterrupted one sees.
+MVM heads select the masked positions, a host sync each.) With ``compile``
+(``--compile``) the forward, and with it the backward, and ``after_step()`` run through
+``torch.compile(fullgraph=True)`` under :func:`cots.model.compile_settings`. The data
+order is a pure function of the step (:class:`StepSampler`), so a resumed run sees
+exactly the batches an uninterrupted one sees.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from cots.data import CotsCollator
-from cots.model import COTSModel
+from cots.model import COTSModel, compile_settings
 from cots.progress import progress_bar
 from cots.retrieval import evaluate, format_metrics
 from cots.tokenizers import TextTokenizer, tokenizer_from_state
@@ -290,15 +292,39 @@ class _Clock:
         self.data_time, self.last = 0.0, time.perf_counter()
 
 
+@dataclass(frozen=True)
+class _StepFunctions:
+    """The model's forward and :meth:`COTSModel.after_step`, compiled with ``--compile``,
+    and the settings they run (and so compile) under."""
+
+    forward: Callable[[dict[str, torch.Tensor]], Any]
+    after_step: Callable[[], None]
+    settings: Callable[[], contextlib.AbstractContextManager]
+
+    @staticmethod
+    def of(run: _Run) -> _StepFunctions:
+        if not run.config.compile:
+            return _StepFunctions(run.ddp_model, run.model.after_step, contextlib.nullcontext)
+        return _StepFunctions(
+            torch.compile(run.ddp_model, fullgraph=True),
+            torch.compile(run.model.after_step, fullgraph=True),
+            compile_settings,
+        )
+
+
 def _optimizer_step(
-    run: _Run, batch: dict[str, torch.Tensor], autocast: Callable[[], Any], params: list[nn.Parameter]
+    run: _Run,
+    batch: dict[str, torch.Tensor],
+    autocast: Callable[[], Any],
+    params: list[nn.Parameter],
+    steps: _StepFunctions,
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Forward, backward, clipping, AdamW and schedule steps, momentum update and enqueue.
 
     Returns the step's loss terms and its gradient norm (before clipping), on the device.
     """
-    with autocast():
-        out = run.ddp_model(batch)
+    with steps.settings(), autocast():
+        out = steps.forward(batch)
     run.optimizer.zero_grad(set_to_none=True)
     out.loss.backward()
     grad_clip = run.config.optim.grad_clip
@@ -308,7 +334,8 @@ def _optimizer_step(
         grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None], foreach=True)
     run.optimizer.step()
     run.scheduler.step()
-    run.model.after_step()
+    with steps.settings():
+        steps.after_step()
     return out.terms, grad_norm
 
 
@@ -336,6 +363,7 @@ def _loop(run: _Run, logger: JsonlLogger | None, bar: tqdm, callbacks: list[Call
     bf16 = config.precision == "bf16" or (config.precision == "auto" and device.type == "cuda")
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
     params = [p for group in run.optimizer.param_groups for p in group["params"]]
+    steps = _StepFunctions.of(run)
     batches = _batches(run)
     meter = LossMeter(device, run.accumulated)
     clock = _Clock()
@@ -347,7 +375,7 @@ def _loop(run: _Run, logger: JsonlLogger | None, bar: tqdm, callbacks: list[Call
         with clock.loading():
             batch = next(batches)
         lr = run.optimizer.param_groups[0]["lr"]
-        terms, grad_norm = _optimizer_step(run, batch, autocast, params)
+        terms, grad_norm = _optimizer_step(run, batch, autocast, params, steps)
         step += 1
         meter.add(terms, grad_norm)
 

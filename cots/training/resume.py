@@ -27,6 +27,7 @@ RESUMABLE_CHANGES = frozenset(
         "keep_checkpoints",
         "out_dir",
         "device",
+        "compile",  # how the steps run, not what they compute
         "steps",
         "data.num_workers",
         "eval_every",
