@@ -11,6 +11,13 @@ the model code and the initial weights; they differ only in the ops:
 - plain: the materialised contrastive loss over ``cat([keys, queue.clone()])`` (ALBEF),
   materialised vocabulary logits (``F.cross_entropy(h @ W.T)``), SDPA, a Python loop of
   per-parameter EMA updates.
+- ours_compiled: ours with the forward (and so the backward) and ``after_step`` under
+  ``torch.compile(fullgraph=True)``, as ``cots.train --compile`` runs them;
+- ours_cuda_graphs: the same with ``mode="reduce-overhead"`` (CUDA graph capture; the
+  graphs that cannot be captured run outside, ``cudagraph_skips`` counts them).
+
+The compiled contenders run on CUDA only (Inductor's CPU compile of the step takes
+minutes, not a measure) and their compile time is reported apart from the step time.
 
 Target (issue): ours at least 1.3x the plain step's throughput.
 """
@@ -26,17 +33,18 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch._dynamo.utils import counters
 from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks.common import sync, write_json
 from cots.config import COTSConfig
-from cots.model import COTSModel
+from cots.model import COTSModel, compile_settings
 from cots.tokenizers import patchify
 from cots_kernels import ContrastiveOutput, cots_contrastive_loss
 from cots_kernels.distributed import all_gather_rows
 
 from . import perf_model
-from .cases import Case, Emit, guarded, wanted
+from .cases import Case, Emit, guarded, skip, wanted
 
 TARGET_SPEEDUP = 1.3
 TEXT_VOCAB = 30522  # BERT-base word pieces
@@ -122,26 +130,43 @@ def _batch(model: COTSModel, batch_size: int, device: torch.device, quick: bool)
 
 
 def _measure(
-    model: COTSModel, batch: dict, device: torch.device, steps: int, warmup: int, count_flops: bool = False
+    model: COTSModel,
+    batch: dict,
+    device: torch.device,
+    steps: int,
+    warmup: int,
+    count_flops: bool = False,
+    compile_mode: str | None = None,
 ) -> dict[str, Any]:
+    """Time ``steps`` training steps after ``warmup`` ones; ``compile_mode`` (None: eager,
+    "default" or "reduce-overhead") compiles the forward and ``after_step`` with fullgraph."""
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-5, fused=device.type == "cuda")
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    forward, after_step, settings = model, model.after_step, contextlib.nullcontext
+    if compile_mode is not None:
+        forward = torch.compile(model, fullgraph=True, mode=compile_mode)
+        after_step = torch.compile(model.after_step, fullgraph=True, mode=compile_mode)
+        settings = compile_settings
 
     def step() -> dict[str, torch.Tensor]:
-        with autocast:
-            out = model(batch)
+        with settings(), autocast:
+            out = forward(batch)
+        terms = {k: v.detach().clone() for k, v in out.terms.items()}  # a CUDA graph's replay reuses its outputs
         optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
         optimizer.step()
-        model.after_step()
-        return out.terms
+        with settings():
+            after_step()
+        return terms
 
     # The first step's matrix-product FLOPs, counted on the plain build, whose ops are all
     # ATen's (the fused ops are invisible to the counter).
     counter = FlopCounterMode(display=False) if count_flops else contextlib.nullcontext()
+    start = time.perf_counter()
     with counter:
         first = {k: v.item() for k, v in step().items()}
+    first_step_s = time.perf_counter() - start
     flops = counter.get_total_flops() if count_flops else None
     for _ in range(warmup - 1):
         step()
@@ -165,9 +190,16 @@ def _measure(
         "images_per_s": batch_size * steps / seconds,
         "peak_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
         "first_step_terms": first,
+        "first_step_s": first_step_s,  # with compile_mode: the compile of the step
         "step_flops": flops,
         "parameter_bytes": 28 * trainable + 12 * frozen,
     }
+
+
+# The ops each contender's model is built with, and how its step is compiled.
+BUILDS = {"ours": "ours", "plain": "plain", "ours_compiled": "ours", "ours_cuda_graphs": "ours"}
+COMPILE_MODES = {"ours_compiled": "default", "ours_cuda_graphs": "reduce-overhead"}
+CUDA_ONLY = tuple(COMPILE_MODES)
 
 
 def _build(name: str, quick: bool) -> COTSModel:
@@ -187,7 +219,7 @@ class _Builds:
         self.state: dict[str, Any] | None = None
 
     def measure(self, name: str, dev: torch.device, batch_size: int) -> dict[str, Any]:
-        model = _build(name, self.quick)
+        model = _build(BUILDS[name], self.quick)
         if self.state is None:
             self.state = {
                 k: v.clone() if torch.is_tensor(v) else copy.deepcopy(v) for k, v in model.state_dict().items()
@@ -197,8 +229,15 @@ class _Builds:
         model = model.to(dev)
         batch = _batch(model, batch_size, dev, self.quick)
         steps, warmup = (2, 1) if self.quick else (10, 3)
+        compile_mode = COMPILE_MODES.get(name)
+        if compile_mode is not None:
+            torch._dynamo.reset()
+            counters.clear()
         try:
-            return _measure(model, batch, dev, steps, warmup, count_flops=name == "plain")
+            result = _measure(model, batch, dev, steps, warmup, count_flops=name == "plain", compile_mode=compile_mode)
+            if compile_mode == "reduce-overhead":
+                result["cudagraph_skips"] = counters["inductor"]["cudagraph_skips"]
+            return result
         finally:
             del model, batch
             if dev.type == "cuda":
@@ -211,7 +250,7 @@ def _first_step_difference(ours: dict[str, Any], plain: dict[str, Any]) -> dict[
     return {k: abs(a[k] - b[k]) / max(abs(b[k]), 1e-6) for k in a}
 
 
-IMPLS = ("ours", "plain")
+IMPLS = ("ours", "plain", "ours_compiled", "ours_cuda_graphs")
 
 
 def cases(dry: bool) -> list[Case]:
@@ -222,17 +261,17 @@ def cases(dry: bool) -> list[Case]:
             op="cots_step",
             title="COTS step tiny B=4 fp32" if dry else "COTS step base B=64 bf16 autocast",
             priority="step",
-            limit_s=150,
+            limit_s=230,  # the compiled contenders' compiles included
             impls=IMPLS,
-            versus=("plain",),
+            versus=("plain", "ours"),
             params={"quick": dry, "batch_size": 4 if dry else 64},
         )
     ]
 
 
 def run_case(case: Case, device: torch.device, emit: Emit, only: Sequence[str] | None = None) -> dict[str, Any]:
-    """Measure ours, then plain; ours is emitted again with its first-step difference
-    from plain as its error once plain has run."""
+    """Measure ours, plain, then the compiled steps (CUDA only); each of ours is emitted
+    again with its first-step difference from plain as its error once both have run."""
     builds = _Builds(case.params["quick"])
     results: dict[str, dict[str, Any]] = {}
 
@@ -241,13 +280,21 @@ def run_case(case: Case, device: torch.device, emit: Emit, only: Sequence[str] |
         emit(name, result)
 
     for name in wanted(case, only):
+        if name in CUDA_ONLY and device.type != "cuda":
+            skip(emit, [name], "needs CUDA")
+            continue
         guarded(keep, name, lambda: builds.measure(name, device, case.params["batch_size"]), device)
     extras: dict[str, Any] = {"precision": "bf16 autocast" if device.type == "cuda" else "fp32"}
-    ours, plain = results.get("ours", {}), results.get("plain", {})
-    if "time_ms" in ours and "time_ms" in plain:
-        difference = _first_step_difference(ours, plain)
-        emit("ours", {**ours, "error": max(difference.values()), "first_step_relative_difference": difference})
+    plain = results.get("plain", {})
+    if "time_ms" in plain:
         emit("plain", {**plain, "error": 0.0})
+        for name in ("ours", *COMPILE_MODES):
+            if "time_ms" in results.get(name, {}):
+                difference = _first_step_difference(results[name], plain)
+                emit(
+                    name,
+                    {**results[name], "error": max(difference.values()), "first_step_relative_difference": difference},
+                )
     if plain.get("step_flops"):
         dtype = "bfloat16" if device.type == "cuda" else "float32"
         extras["work"] = perf_model.training_step(plain["step_flops"], plain["parameter_bytes"], dtype)
@@ -255,11 +302,13 @@ def run_case(case: Case, device: torch.device, emit: Emit, only: Sequence[str] |
 
 
 def run(out_dir: pathlib.Path, device: str = "cuda", quick: bool = False, batch_size: int = 64) -> dict:
-    """Measure both steps and write ``gpu_cots_step.json`` to ``out_dir``; return the payload."""
+    """Measure the steps (the compiled ones on CUDA) and write ``gpu_cots_step.json`` to
+    ``out_dir``; return the payload."""
     dev = torch.device(device)
     batch_size = 4 if quick else batch_size
     builds = _Builds(quick)
-    results = {name: builds.measure(name, dev, batch_size) for name in IMPLS}
+    names = [name for name in IMPLS if dev.type == "cuda" or name not in CUDA_ONLY]
+    results = {name: builds.measure(name, dev, batch_size) for name in names}
     ours, plain = results["ours"], results["plain"]
     speedup = ours["images_per_s"] / plain["images_per_s"]
     first_step = _first_step_difference(ours, plain)

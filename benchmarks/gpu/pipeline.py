@@ -80,8 +80,9 @@ NAME_PATTERN = re.compile(r"^[A-Za-z0-9._-]+$")
 LOG_HEAD_BYTES, LOG_TAIL_BYTES = 256 * 1024, 1536 * 1024
 
 # The focused GPU tests: every op against its reference at the training shapes and in
-# every dtype (the ``requires_cuda`` tests are named ``*gpu*``; the EMA's device
-# implementations are the ``triton``, ``foreach-cuda`` and ``cuda-ext`` parameters).
+# every dtype, and the ops under torch.compile (the ``requires_cuda`` tests are named
+# ``*gpu*``; the EMA's device implementations are the ``triton``, ``foreach-cuda`` and
+# ``cuda-ext`` parameters).
 # Those that need the compiled extension run after its build; the others run while it
 # builds (the build is mostly one nvcc process, the tests one Python process).
 TESTS = {
@@ -90,8 +91,9 @@ TESTS = {
         "tests/linear_ce/test_triton.py",
         "tests/attention/test_triton.py",
         "tests/momentum/test_update.py",
+        "tests/test_opcheck.py",
     ],
-    "k": "gpu or foreach-cuda or (test_update and triton)",
+    "k": "gpu or foreach-cuda or (test_update and triton) or (test_opcheck and cuda)",  # opcheck: ``*-cuda``
 }
 TESTS_EXTENSION = {"paths": ["tests/test_extension.py", "tests/momentum/test_update.py"], "k": "extension or cuda-ext"}
 # Seconds of the tests stage kept for the extension's tests after the build.
@@ -99,7 +101,14 @@ EXTENSION_TESTS_S = 30.0
 # The rest of what runs on the GPU: the ops' whole suites (small shapes, forced tiles and
 # splits), the momentum machinery and the training tests, without the focused ones.
 TESTS_MORE = {
-    "paths": ["tests/contrastive", "tests/linear_ce", "tests/attention", "tests/momentum", "tests/cots"],
+    "paths": [
+        "tests/contrastive",
+        "tests/linear_ce",
+        "tests/attention",
+        "tests/momentum",
+        "tests/cots",
+        "tests/test_compile.py",  # its GPU class: Inductor on the Triton ops, the step as CUDA graphs
+    ],
     "k": f"not ({TESTS['k']} or {TESTS_EXTENSION['k']})",
     "m": "not slow",
 }
@@ -576,7 +585,7 @@ STAGES = [
     Stage("build", 200, stage_build),
     Stage("tests", 150, stage_tests),
     Stage("headline", 200, _bench_stage("headline")),
-    Stage("step", 150, _bench_stage("step")),
+    Stage("step", 240, _bench_stage("step")),  # the compiled steps' compiles included
     Stage("more", 600, _bench_stage("more")),
     Stage("tests_more", 600, stage_tests_more),
 ]
