@@ -24,6 +24,11 @@ Captions come from a small grammar with paraphrases::
 so captions of one image differ in wording, word order and in which attributes they
 state, as human captions do. The vocabulary is :data:`VOCABULARY` (with the motion words of
 :class:`MovingShapesDataset`).
+
+What a caption states is its :class:`CaptionMeaning` (:meth:`ShapesDataset.caption_meanings`),
+and :func:`scene_meanings` lists every meaning a caption of a scene can have: a caption
+fits an image when its meaning is one of the image's, so the ground truth says exactly
+which captions describe which images equally well.
 """
 
 from __future__ import annotations
@@ -37,7 +42,9 @@ from torch.utils.data import Dataset
 
 __all__ = [
     "COLORS",
+    "CaptionMeaning",
     "DIRECTIONS",
+    "Mention",
     "MovingShapesDataset",
     "Motion",
     "RELATIONS",
@@ -49,6 +56,7 @@ __all__ = [
     "ShapeObject",
     "ShapesDataset",
     "VOCABULARY",
+    "scene_meanings",
 ]
 
 #: Colour name -> RGB in [0, 1]: saturated colours far apart from each other (pairwise RGB
@@ -159,6 +167,50 @@ class Motion:
     path: tuple[tuple[float, float], ...]
 
 
+@dataclass(frozen=True)
+class Mention:
+    """What a caption says of one object: its shape and colour, and its size when the noun
+    phrase states one (``None``: "a red circle" leaves the size open)."""
+
+    shape: str
+    color: str
+    size: str | None
+
+
+@dataclass(frozen=True)
+class CaptionMeaning:
+    """What a caption states, whatever its wording: the objects it mentions, in the order it
+    mentions them, and for two objects how ``objects[0]`` lies relative to ``objects[1]``
+    (one of :data:`RELATIONS`; ``None`` for one object). "a red circle sits left of a big
+    blue square" and "there is a red circle to the left of a large blue square" mean the
+    same; "a large blue square right of a red circle" says it in the other order."""
+
+    objects: tuple[Mention, ...]
+    relation: str | None
+
+
+def _mentions(obj: ShapeObject) -> tuple[Mention, Mention]:
+    """The two ways a noun phrase can describe ``obj``: with its size, and without."""
+    return Mention(obj.shape, obj.color, obj.size), Mention(obj.shape, obj.color, None)
+
+
+def scene_meanings(scene: Scene) -> frozenset[CaptionMeaning]:
+    """Every meaning a caption of ``scene`` can have under the grammar of the module doc.
+
+    One object: 2 (size stated or not). Two objects: 8, each object with or without its
+    size, told from either object's side (``a R b`` or ``b R' a`` with R' the inverse
+    relation). A caption fits an image exactly when its meaning is in this set.
+    """
+    if scene.relation is None:
+        return frozenset(CaptionMeaning((m,), None) for m in _mentions(scene.objects[0]))
+    a, b = scene.objects
+    told = ((a, scene.relation, b), (b, _INVERSE[scene.relation], a))
+    return frozenset(
+        CaptionMeaning((ma, mb), relation) for first, relation, second in told
+        for ma in _mentions(first) for mb in _mentions(second)
+    )  # fmt: skip
+
+
 def _check_common(size: int, split: str, image_size: int, seed: int, captions_per_image: int):
     if not isinstance(size, int) or size < 0:
         raise ValueError(f"size must be a non-negative int, got {size!r}")
@@ -254,20 +306,24 @@ def _random_object(rng: np.random.Generator, image_size: int, exclude=()) -> tup
     return shape, color, size, float(radius)
 
 
-def _noun_phrase(obj: ShapeObject, rng: np.random.Generator) -> str:
+def _noun_phrase(obj: ShapeObject, rng: np.random.Generator) -> tuple[str, Mention]:
+    """A noun phrase for ``obj`` and what it states."""
+    with_size, without_size = _mentions(obj)
     if rng.random() < _SIZE_WORD_PROB:
         words = _SIZE_WORDS[obj.size]
-        return f"a {words[rng.integers(len(words))]} {obj.color} {obj.shape}"
-    return f"a {obj.color} {obj.shape}"
+        return f"a {words[rng.integers(len(words))]} {obj.color} {obj.shape}", with_size
+    return f"a {obj.color} {obj.shape}", without_size
 
 
 def _pick(options, rng: np.random.Generator) -> str:
     return options[rng.integers(len(options))]
 
 
-def _distinct_captions(make, count: int, rng: np.random.Generator) -> list[str]:
+def _distinct_captions(make, count: int, rng: np.random.Generator) -> list:
     """``count`` captions from ``make(rng)``, distinct when the grammar allows it (a few
-    redraws per caption; repeats only when the scene has fewer paraphrases than asked)."""
+    redraws per caption; repeats only when the scene has fewer paraphrases than asked).
+    ``make`` returns a caption or a (caption, meaning) pair: equal captions have equal
+    meanings, so pairs compare as their captions do."""
     out: list[str] = []
     for _ in range(count):
         caption = make(rng)
@@ -356,20 +412,36 @@ class ShapesDataset(Dataset):
             objs.reverse()
         return Scene(tuple(objs), relation)
 
-    def _caption(self, scene: Scene, rng: np.random.Generator) -> str:
+    def _caption(self, scene: Scene, rng: np.random.Generator) -> tuple[str, CaptionMeaning]:
         if scene.relation is None:
-            return _pick(_ONE_TEMPLATES, rng).format(a=_noun_phrase(scene.objects[0], rng))
+            template = _pick(_ONE_TEMPLATES, rng)
+            phrase, mention = _noun_phrase(scene.objects[0], rng)
+            return template.format(a=phrase), CaptionMeaning((mention,), None)
         a, b = scene.objects
         relation = scene.relation
         if rng.random() < 0.5:  # describe it from the other object's side
             a, b, relation = b, a, _INVERSE[relation]
         template = _pick(_TWO_TEMPLATES, rng)
-        return template.format(a=_noun_phrase(a, rng), r=_pick(_RELATION_WORDS[relation], rng), b=_noun_phrase(b, rng))
+        # Drawn in this order (first phrase, relation words, second phrase): the captions
+        # of a seed stay what they were before meanings were recorded.
+        phrase_a, mention_a = _noun_phrase(a, rng)
+        relation_words = _pick(_RELATION_WORDS[relation], rng)
+        phrase_b, mention_b = _noun_phrase(b, rng)
+        caption = template.format(a=phrase_a, r=relation_words, b=phrase_b)
+        return caption, CaptionMeaning((mention_a, mention_b), relation)
+
+    def _captions(self, scene: Scene, rng: np.random.Generator) -> list[tuple[str, CaptionMeaning]]:
+        return _distinct_captions(lambda g: self._caption(scene, g), self.captions_per_image, rng)
 
     def attributes(self, index: int) -> Scene:
         """The scene of item ``index`` (objects, positions, relation)."""
         scene_rng, _ = _item_rngs(self.seed, self.split, _STILL, _check_index(index, self.size))
         return self._scene(scene_rng)
+
+    def caption_meanings(self, index: int) -> list[CaptionMeaning]:
+        """What each caption of item ``index`` states, in the order of ``self[index]["captions"]``."""
+        scene_rng, caption_rng = _item_rngs(self.seed, self.split, _STILL, _check_index(index, self.size))
+        return [meaning for _, meaning in self._captions(self._scene(scene_rng), caption_rng)]
 
     def _render(self, index: int, normalize: bool):
         index = _check_index(index, self.size)
@@ -378,7 +450,7 @@ class ShapesDataset(Dataset):
         img = self._renderer.canvas(self._renderer.tint(scene_rng), scene_rng)
         for obj in scene.objects:
             self._renderer.draw(img, obj, _jittered_color(obj.color, scene_rng))
-        captions = _distinct_captions(lambda g: self._caption(scene, g), self.captions_per_image, caption_rng)
+        captions = [caption for caption, _ in self._captions(scene, caption_rng)]
         return self._renderer.finish(img, normalize), captions
 
     def raw_image(self, index: int) -> torch.Tensor:
@@ -452,7 +524,7 @@ class MovingShapesDataset(Dataset):
 
     def _caption(self, motion: Motion, rng: np.random.Generator) -> str:
         return _pick(_MOTION_TEMPLATES, rng).format(
-            a=_noun_phrase(motion.object, rng), d=_pick(_DIRECTION_WORDS[motion.direction], rng)
+            a=_noun_phrase(motion.object, rng)[0], d=_pick(_DIRECTION_WORDS[motion.direction], rng)
         )
 
     def attributes(self, index: int) -> Motion:

@@ -1,11 +1,118 @@
-"""The demo (the README's first command) runs end to end: train, evaluate, summary, plot."""
+"""The demo (the README's first command) runs end to end: train, evaluate, summary, plot.
+
+Its reference numbers are checked against independent computations: chance recall from
+exact binomials, the best possible R@1 from a brute force over every (caption, image)
+pair that reads the caption's words instead of the generator's recorded meanings.
+"""
 
 import json
+import math
 import sys
+from fractions import Fraction
+
+import pytest
 
 from cots import demo
+from cots.data import ShapesDataset
+from cots.data.synthetic import COLORS, SHAPES, CaptionMeaning, Mention, Scene, ShapeObject
 
 from ..helpers import optional_module
+
+QUICK_TEST_IMAGES = 64  # what --quick evaluates on
+CAPTIONS = demo.CAPTIONS_PER_IMAGE
+
+_SIZE_WORDS = {"small": "small", "little": "small", "large": "large", "big": "large"}
+_RELATION_WORDS = {
+    "left": "left of", "right": "right of", "above": "above", "over": "above",
+    "below": "below", "under": "below", "beneath": "below",
+}  # fmt: skip
+_INVERSE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
+
+
+def _read(caption: str) -> tuple[list[tuple[str, str, str | None]], str | None]:
+    """(shape, colour, size or None) of each object the caption names, and its relation."""
+    objects, relation, size, color = [], None, None, None
+    for word in caption.split():
+        if word in _SIZE_WORDS:
+            size = _SIZE_WORDS[word]
+        elif word in COLORS:
+            color = word
+        elif word in SHAPES:
+            objects.append((word, color, size))
+            size = color = None
+        elif word in _RELATION_WORDS:
+            relation = _RELATION_WORDS[word]
+    return objects, relation
+
+
+def _fits(caption: str, scene: Scene) -> bool:
+    """Whether the caption is a true and complete description of the scene."""
+    named, relation = _read(caption)
+    actual = [(o.shape, o.color, o.size) for o in scene.objects]
+    if len(named) != len(actual):
+        return False
+
+    def same(n, a):
+        return n[0] == a[0] and n[1] == a[1] and n[2] in (None, a[2])
+
+    if len(named) == 1:
+        return same(named[0], actual[0])
+    forward = same(named[0], actual[0]) and same(named[1], actual[1]) and relation == scene.relation
+    backward = same(named[0], actual[1]) and same(named[1], actual[0]) and relation == _INVERSE[scene.relation]
+    return forward or backward
+
+
+def _brute_force_best(dataset: ShapesDataset) -> dict[str, float]:
+    """The best possible R@1 as the demo defines it, from every (caption, image) pair, exactly."""
+    scenes = [dataset.attributes(i) for i in range(len(dataset))]
+    captions = [(c, i) for i in range(len(dataset)) for c in dataset[i]["captions"]]
+    fits = [[_fits(c, scene) for scene in scenes] for c, _ in captions]
+    images_fitting = [sum(row) for row in fits]
+    t2i = [Fraction(1, k) for k in images_fitting]
+    i2t = []
+    for image in range(len(scenes)):
+        fitting = [j for j in range(len(captions)) if fits[j][image]]
+        fewest = min(images_fitting[j] for j in fitting)
+        top = [j for j in fitting if images_fitting[j] == fewest]
+        i2t.append(Fraction(sum(captions[j][1] == image for j in top), len(top)))
+    return {"i2t": float(100 * sum(i2t) / len(i2t)), "t2i": float(100 * sum(t2i) / len(t2i))}
+
+
+def _chance(candidates: int, k: int, positives: int) -> float:
+    """P(at least one of the positives in the first k of a random order), in percent."""
+    return float(100 * (1 - Fraction(math.comb(candidates - positives, k), math.comb(candidates, k))))
+
+
+@pytest.mark.parametrize("split, size, seed", [("test", 60, 0), ("train", 40, 3)])
+def test_best_recall_matches_a_brute_force_over_all_pairs(split, size, seed):
+    dataset = ShapesDataset(size, split=split, seed=seed, captions_per_image=CAPTIONS)
+    best = demo.best_recall_at_1(
+        [dataset.attributes(i) for i in range(size)], [dataset.caption_meanings(i) for i in range(size)]
+    )
+    expected = _brute_force_best(dataset)
+    assert best == pytest.approx(expected, rel=1e-12)
+    assert 0 < best["i2t"] < 100 and 0 < best["t2i"] < 100  # this split has ties
+
+
+def test_best_recall_by_hand():
+    def obj(shape, color, size):
+        return ShapeObject(shape, color, size, x=10.0, y=10.0, radius=4.0)
+
+    small, large = obj("circle", "red", "small"), obj("circle", "red", "large")
+    pair = Scene((obj("circle", "red", "small"), obj("square", "blue", "large")), "left of")
+    red_circle, big_red_circle = Mention("circle", "red", None), Mention("circle", "red", "large")
+    scenes = [Scene((small,), None), Scene((large,), None), pair]
+    meanings = [
+        [CaptionMeaning((red_circle,), None)],  # fits images 0 and 1
+        [CaptionMeaning((red_circle,), None), CaptionMeaning((big_red_circle,), None)],  # 0 and 1; only 1
+        [CaptionMeaning((Mention("square", "blue", None), red_circle), "right of")],  # only 2
+    ]
+    best = demo.best_recall_at_1(scenes, meanings)
+    # text -> image: 1/2, 1/2, 1, 1 over the four captions.
+    assert best["t2i"] == pytest.approx(100 * 3 / 4)
+    # image -> text: image 0's fitting captions both fit 2 images, one of them its own: 1/2;
+    # image 1 ranks "a big red circle" (fits 1 image) first: 1; image 2: 1.
+    assert best["i2t"] == pytest.approx(100 * 2.5 / 3)
 
 
 def test_quick_demo_writes_summary_and_plot(tmp_path, capsys):
@@ -13,13 +120,23 @@ def test_quick_demo_writes_summary_and_plot(tmp_path, capsys):
     assert demo.main(["--quick", "--steps", "6", "--out", str(tmp_path), "--device", "cpu"]) == 0
     summary = json.loads((tmp_path / "summary.json").read_text())
     metrics = summary["metrics"]
-    for direction in ("i2t", "t2i"):
-        for k in (1, 5, 10):
-            assert 0 <= metrics[f"{direction}_r{k}"] <= 100
-            assert metrics[f"{direction}_r{k}_chance"] > 0
+    images, texts = QUICK_TEST_IMAGES, QUICK_TEST_IMAGES * CAPTIONS
+    assert (summary["test_images"], summary["captions_per_image"]) == (images, CAPTIONS)
+    for k in (1, 5, 10):
+        assert metrics[f"t2i_r{k}_chance"] == pytest.approx(100 * k / images, rel=1e-12)
+        assert metrics[f"i2t_r{k}_chance"] == pytest.approx(_chance(texts, k, CAPTIONS), rel=1e-12)
+        # Recall is a share of the queries: a whole number of images, of captions.
+        assert (metrics[f"i2t_r{k}"] * images / 100) == pytest.approx(round(metrics[f"i2t_r{k}"] * images / 100))
+        assert (metrics[f"t2i_r{k}"] * texts / 100) == pytest.approx(round(metrics[f"t2i_r{k}"] * texts / 100))
+    for d in ("i2t", "t2i"):
+        assert metrics[f"{d}_r1"] <= metrics[f"{d}_r5"] <= metrics[f"{d}_r10"]
+    test_set = ShapesDataset(images, split="test", seed=summary["config"]["seed"], captions_per_image=CAPTIONS)
+    best = _brute_force_best(test_set)
+    assert summary["best_possible_r1"] == pytest.approx(best, rel=1e-12)
     assert summary["history"] and {"itc", "mlm", "mvm", "kl"} <= set(summary["history"][-1])
     assert (tmp_path / "demo.png").stat().st_size > 1000
-    assert "text -> image" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "text -> image" in out and f"{best['t2i']:.1f}%" in out and f"{best['i2t']:.1f}%" in out
     # `make demo` twice: the second run starts afresh in the same folder.
     assert demo.main(["--quick", "--steps", "3", "--out", str(tmp_path), "--device", "cpu"]) == 0
     assert json.loads((tmp_path / "summary.json").read_text())["config"]["steps"] == 3
