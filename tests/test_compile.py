@@ -29,6 +29,7 @@ from cots_kernels import (
     cots_contrastive_loss,
     linear_cross_entropy,
     momentum_update_,
+    sigmoid_contrastive_loss,
 )
 
 from .cots.test_model import VOCAB, BrightnessTokenizer, _batch, _config
@@ -168,6 +169,32 @@ def test_contrastive_loss_with_queues_a_learnable_temperature_and_weights():
         torch.testing.assert_close(actual, eager, **FLOAT32)
         wanted = [args[0], args[1], args[6]]  # the queries and tau
         for a, e in zip(_grads(actual, wanted), _grads(eager, wanted)):
+            torch.testing.assert_close(a, e, **FLOAT32)
+
+    assert_no_recompilation(counter, call)
+
+
+def test_sigmoid_loss_with_a_learnable_scale_and_bias():
+    gen = torch.Generator().manual_seed(3)
+
+    def inputs():
+        image, text = (_normalised(6, 16, gen=gen).requires_grad_() for _ in range(2))
+        scale = torch.tensor(10.0).requires_grad_()
+        bias = torch.tensor(-10.0).requires_grad_()
+        return image, text, scale, bias
+
+    def loss(image, text, scale, bias):
+        own = sigmoid_contrastive_loss(image, text, scale, bias, check_finite=True)
+        return own + sigmoid_contrastive_loss(image, text.flip(0), scale, bias, negative_only=True)
+
+    assert_no_graph_break(loss, *inputs())
+    fn, counter = compiled(loss)
+
+    def call(_):
+        args = inputs()
+        eager, actual = loss(*args), fn(*args)
+        torch.testing.assert_close(actual, eager, **FLOAT32)
+        for a, e in zip(_grads(actual, list(args)), _grads(eager, list(args))):
             torch.testing.assert_close(a, e, **FLOAT32)
 
     assert_no_recompilation(counter, call)
@@ -381,6 +408,25 @@ class TestOnGpu:
         fn, _ = compiled(ce)
         actual, eager = fn(hidden, weight, targets), ce(hidden, weight, targets)
         torch.testing.assert_close(actual, eager, rtol=1e-3, atol=1e-3)
+        assert counter.graphs == 1
+
+    def test_sigmoid_triton_op_compiles_with_inductor(self):
+        gen = torch.Generator().manual_seed(8)
+        device = torch.device("cuda")
+        image, text = (_normalised(512, 768, gen=gen).to(device, torch.bfloat16).requires_grad_() for _ in range(2))
+        scale = torch.tensor(10.0, device=device, requires_grad=True)
+        bias = torch.tensor(-10.0, device=device, requires_grad=True)
+
+        def loss(image, text, scale, bias):
+            return sigmoid_contrastive_loss(image, text, scale, bias, impl="triton")
+
+        args = (image, text, scale, bias)
+        assert_no_graph_break(loss, *args)
+        fn, counter = compiled(loss)
+        actual, eager = fn(*args), loss(*args)
+        torch.testing.assert_close(actual, eager, rtol=1e-4, atol=1e-5)
+        for a, e in zip(_grads(actual, list(args)), _grads(eager, list(args))):
+            torch.testing.assert_close(a, e, rtol=1e-3, atol=1e-3)
         assert counter.graphs == 1
 
     @pytest.mark.parametrize("heads", [False, True], ids=["itc", "itc-mlm-mvm"])

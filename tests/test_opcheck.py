@@ -50,6 +50,21 @@ def _contrastive_backward_inputs(forward, device, launch) -> tuple:
     return (upstream, 2 * upstream, None, saved, *detached, [True, True, True, True, False])
 
 
+def _sigmoid_inputs(device, launch) -> tuple:
+    """B = 3 images against 5 texts with the positives at offset 1, D = 6."""
+    gen = _gen(6)
+    scale = torch.tensor(10.0, device=device, requires_grad=True)
+    bias = torch.tensor(-10.0, device=device, requires_grad=True)
+    image, text = _normalised(3, 6, gen, device, True), _normalised(5, 6, gen, device, True)
+    return (scale, bias, image, text, 1, False, launch)
+
+
+def _sigmoid_backward_inputs(device, launch) -> tuple:
+    inputs = _sigmoid_inputs(device, launch)
+    detached = tuple(t.detach() if isinstance(t, torch.Tensor) else t for t in inputs)
+    return (torch.linspace(0.5, 1.5, 3, device=device), *detached, [True, True, True, False])
+
+
 def _linear_ce_inputs(device, launch) -> tuple:
     """N = 5 rows (one ignored), V = 7, D = 4, with a bias and label smoothing."""
     gen = _gen(1)
@@ -114,6 +129,13 @@ CASES: dict[str, tuple[Callable[[torch.device], tuple], tuple[str, ...]]] = {
     "contrastive_triton": (lambda d: _contrastive_inputs(d, LAUNCH_OVERRIDES), (TRITON,)),
     "contrastive_triton_backward": (
         lambda d: _contrastive_backward_inputs(OPS.contrastive_triton, d, LAUNCH_OVERRIDES),
+        (TRITON,),
+    ),
+    "sigmoid_chunked": (lambda d: _sigmoid_inputs(d, 2), BOTH),
+    "sigmoid_chunked_backward": (lambda d: _sigmoid_backward_inputs(d, 2), BOTH),
+    "sigmoid_triton": (lambda d: _sigmoid_inputs(d, LAUNCH_OVERRIDES), (TRITON,)),
+    "sigmoid_triton_backward": (
+        lambda d: _sigmoid_backward_inputs(d, LAUNCH_OVERRIDES),
         (TRITON,),
     ),
     "linear_ce_chunked": (lambda d: _linear_ce_inputs(d, 2), BOTH),

@@ -1,8 +1,9 @@
-"""ClipLoss against open_clip's own ClipLoss (open-clip-torch 3.3.0's loss.py) in one
-process: the same value and the same gradients of both towers and of logit_scale.
+"""ClipLoss and SigLipLoss against open_clip's own (open-clip-torch 3.3.0's loss.py) in
+one process: the same value and the same gradients of both towers, of logit_scale and
+(SigLIP) of logit_bias.
 
-The two-rank runs (every combination of local_loss and gather_with_grad) are in
-test_distributed.py.
+The two-rank runs of ClipLoss (every combination of local_loss and gather_with_grad) are
+in test_distributed.py; SigLipLoss on three ranks in tests/sigmoid/test_distributed.py.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cots_kernels.integrations.open_clip import ClipLoss
+from cots_kernels.integrations.open_clip import ClipLoss, SigLipLoss
 
 from .peers import open_clip_loss
 
@@ -89,3 +90,51 @@ def test_world_size_above_one_needs_torch_distributed():
     image, text, scale = features(4, 8, torch.float32)
     with pytest.raises(RuntimeError, match="needs torch.distributed to be initialised"):
         ClipLoss(rank=0, world_size=2)(image, text, scale)
+
+
+# ---- SigLipLoss ----
+
+
+def siglip_inputs(batch: int, dim: int, dtype: torch.dtype, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    """Normalised features, SigLIP's initial logit_scale = exp(log 10) and logit_bias = -10, leaves."""
+    image, text, _ = features(batch, dim, torch.float64, seed)
+    scale = torch.tensor(math.log(10.0), dtype=torch.float64).exp()
+    bias = torch.tensor(-10.0, dtype=torch.float64)
+    return tuple(t.detach().to(dtype).requires_grad_() for t in (image, text, scale, bias))
+
+
+@pytest.mark.parametrize("batch, dim", [(1, 8), (7, 48), (33, 200)])
+@pytest.mark.parametrize("impl", ["torch", "reference"])
+def test_siglip_matches_open_clip_in_one_process_float64(batch, dim, impl):
+    theirs = open_clip_loss().SigLipLoss()
+    inputs = siglip_inputs(batch, dim, torch.float64, seed=batch)
+    expected = value_and_grads(theirs, inputs)
+    got = value_and_grads(SigLipLoss(impl=impl), inputs)
+    for name, a, b in zip(("loss", "image grad", "text grad", "logit_scale grad", "logit_bias grad"), got, expected):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=name)
+
+
+def test_siglip_matches_open_clip_in_float32_with_output_dict():
+    module = open_clip_loss()
+    inputs = siglip_inputs(24, 64, torch.float32, seed=3)
+    theirs = value_and_grads(module.SigLipLoss(cache_labels=True), inputs, output_dict=True)
+    ours = value_and_grads(SigLipLoss(cache_labels=True), inputs, output_dict=True)
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_siglip_python_floats_and_no_bias():
+    image, text, _, _ = siglip_inputs(5, 16, torch.float64)
+    theirs = open_clip_loss().SigLipLoss()
+    torch.testing.assert_close(SigLipLoss()(image, text, 10.0, -10.0), theirs(image, text, 10.0, -10.0))
+    torch.testing.assert_close(SigLipLoss()(image, text, 10.0, None), theirs(image, text, 10.0, None))
+
+
+def test_siglip_refuses_unknown_dist_impls_and_bad_ranks():
+    with pytest.raises(ValueError, match="dist_impl must be one of"):
+        SigLipLoss(dist_impl="allgather")
+    with pytest.raises(ValueError, match="0 <= rank < world_size"):
+        SigLipLoss(rank=3, world_size=2)
+    with pytest.raises(RuntimeError, match="SigLipLoss.*needs torch.distributed to be initialised"):
+        SigLipLoss(rank=0, world_size=2)(*siglip_inputs(4, 8, torch.float32))
+    assert SigLipLoss().dist_impl == "bidir" and "dist_impl='bidir'" in repr(SigLipLoss())
