@@ -28,6 +28,7 @@ SECTIONS = [
     "benchmarks.report_momentum",
     "benchmarks.report_attention",
     "benchmarks.report_linear_ce",
+    "benchmarks.report_sigmoid",
 ]
 
 

@@ -170,6 +170,7 @@ def recording() -> Iterator[tuple[dict[str, dict], dict[str, Any]]]:
     from cots_kernels.contrastive import triton_impl as contrastive_impl
     from cots_kernels.linear_ce import triton_impl as linear_ce_impl
     from cots_kernels.mha import triton_impl as attention_impl
+    from cots_kernels.sigmoid import triton_impl as sigmoid_impl
 
     if not _triton_utils.INTERPRET:
         raise RuntimeError("recording needs TRITON_INTERPRET=1 set before cots_kernels is imported")
@@ -196,7 +197,7 @@ def recording() -> Iterator[tuple[dict[str, dict], dict[str, Any]]]:
         patches.append((owner, name, getattr(owner, name)))
         setattr(owner, name, value)
 
-    for module in (contrastive_impl, linear_ce_impl, attention_impl):
+    for module in (contrastive_impl, linear_ce_impl, attention_impl, sigmoid_impl):
         original = module.launch_config
         patch(module, "launch_config", lambda problem, *a, _f=original, **k: _f(_OnGpu(problem), *a, **k))
     spec = lambda index: (GPUS[state["arch"]].sms, GPUS[state["arch"]].shared_per_block)  # noqa: E731
@@ -291,7 +292,21 @@ def _momentum_cases(state: dict[str, Any]) -> None:
         momentum_update_(copies, online, 0.995, impl="triton")
 
 
-CASES = (_contrastive_cases, _linear_ce_cases, _attention_cases, _momentum_cases)
+def _sigmoid_cases(state: dict[str, Any]) -> None:
+    import torch
+
+    from cots_kernels import sigmoid_contrastive_loss
+
+    gen = torch.Generator().manual_seed(0)
+    for dtype in (torch.bfloat16, torch.float32):  # fp16 compiles as bf16 does (same tiles)
+        for options in ({}, {"negative_only": True}):
+            state["label"] = f"sigmoid B=4096 D=768 {_short(dtype)}" + "".join(f" {k}={v}" for k, v in options.items())
+            image, text = (torch.randn(4096, 768, generator=gen).to(dtype).requires_grad_() for _ in range(2))
+            scale, bias = (torch.tensor(v, requires_grad=True) for v in (10.0, -10.0))
+            sigmoid_contrastive_loss(image, text, scale, bias, impl="triton", **options).backward()
+
+
+CASES = (_contrastive_cases, _linear_ce_cases, _attention_cases, _momentum_cases, _sigmoid_cases)
 
 
 def _short(dtype: Any) -> str:

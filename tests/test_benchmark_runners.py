@@ -18,6 +18,20 @@ def test_gpu_contrastive_runner_quick_on_cpu(tmp_path):
     assert case["speedup_vs_reference"] > 0
 
 
+def test_gpu_sigmoid_runner_quick_on_cpu(tmp_path):
+    assert gpu_run.main(["--out", str(tmp_path), "--only", "sigmoid", "--quick", "--device", "cpu"]) == 0
+    payload = json.loads((tmp_path / "gpu_sigmoid.json").read_text())
+    assert [case["dtype"] for case in payload["cases"]] == ["float32", "bfloat16"]
+    for case in payload["cases"]:
+        for name in ("ours_auto", "torch_chunked", "reference"):
+            assert case["impls"][name]["forward_backward_ms"] > 0, name
+        for name in ("open_clip", "open_clip_chunked"):  # a peer: measured where installed
+            result = case["impls"][name]
+            assert result.get("forward_backward_ms", 0) > 0 or result.get("skipped") == "not installed", name
+        assert case["impls"]["ours_auto"]["error"] < (0.05 if case["dtype"] == "bfloat16" else 1e-4)
+        assert case["speedup_vs_reference"] > 0
+
+
 def test_report_table_lists_every_row():
     row = ReportRow(
         "op",

@@ -64,7 +64,7 @@ def test_dry_run_results_have_every_number_next_to_its_floor(dry_run):
     assert all(stage["status"] in ("ok", "skipped") for stage in stages.values()), stages
     assert results["tests"]["passed"] > 0 and results["tests"]["failed"] == 0
     ops = {entry["op"] for entry in results["cases"].values()}
-    assert ops == {"contrastive", "momentum", "attention", "linear_ce", "cots_step"}
+    assert ops == {"contrastive", "momentum", "attention", "linear_ce", "cots_step", "sigmoid"}
     for case_id, entry in results["cases"].items():
         assert entry["status"] == "ok", (case_id, entry.get("note"), entry.get("error_message"))
         model = entry["model"]

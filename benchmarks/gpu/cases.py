@@ -2,7 +2,7 @@
 its performance model; and the measurement helpers the op modules share.
 
 Each op module (``contrastive``, ``momentum``, ``attention``, ``linear_ce``,
-``cots_step``) lists its cases with ``cases(dry)`` and measures one with
+``cots_step``, ``sigmoid``) lists its cases with ``cases(dry)`` and measures one with
 ``run_case(case, device, emit, only)``, which calls ``emit(impl, result)`` as soon as an
 implementation is measured, so a case cut off by its time limit keeps what it measured.
 A result has ``time_ms`` (the headline time: forward + backward, one update, one step),
@@ -26,7 +26,7 @@ from benchmarks.common import peak_bytes, time_ms
 
 from .perf_model import Work
 
-OPS = ("contrastive", "momentum", "attention", "linear_ce", "cots_step")
+OPS = ("contrastive", "momentum", "attention", "linear_ce", "cots_step", "sigmoid")
 
 # Priorities in the order the pipeline runs them: one case of each headline first, the
 # base training step, then the remaining shapes while time remains.

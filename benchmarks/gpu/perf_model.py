@@ -89,6 +89,19 @@ def contrastive(batch: int, keys: int, queue: int, dim: int, dtype: str, distill
     return Work(flops, 2 * read + 2 * batch * dim * e, exps, dtype, "fwd 2x2BND + bwd 4x2BND; queues read twice")
 
 
+def sigmoid(batch: int, texts: int, dim: int, dtype: str) -> Work:
+    """Forward + backward of the SigLIP loss of B images against N texts.
+
+    FLOPs: the forward forms the logits (2 B N D); the backward recomputes them once per
+    side and forms both feature gradients (4 x 2 B N D; the kernels' further recomputes,
+    one per slice of D, are not counted). Bytes: each pass reads both towers; the backward
+    writes both gradients. Exps: one per logit in the forward and per side in the backward.
+    """
+    e = ELEMENT_BYTES[dtype]
+    read = (batch + texts) * dim * e
+    return Work(5 * 2 * batch * texts * dim, 3 * read, 3 * batch * texts, dtype, "fwd 2BND + bwd 4x2BND")
+
+
 def linear_ce(rows: int, vocab: int, dim: int, dtype: str) -> Work:
     """Forward + backward of cross-entropy over a linear head: the three N x V x D
     products every implementation needs (6 N V D; recomputing logits is not counted),

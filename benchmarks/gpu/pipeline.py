@@ -89,6 +89,7 @@ TESTS = {
     "paths": [
         "tests/contrastive/test_triton.py",
         "tests/linear_ce/test_triton.py",
+        "tests/sigmoid/test_triton.py",
         "tests/attention/test_triton.py",
         "tests/momentum/test_update.py",
         "tests/test_opcheck.py",
@@ -104,6 +105,7 @@ TESTS_MORE = {
     "paths": [
         "tests/contrastive",
         "tests/linear_ce",
+        "tests/sigmoid",
         "tests/attention",
         "tests/momentum",
         "tests/cots",

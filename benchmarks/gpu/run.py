@@ -31,7 +31,7 @@ from benchmarks.common import write_json
 
 from . import pipeline
 
-MODULES = ["contrastive", "momentum", "attention", "linear_ce", "cots_step"]
+MODULES = ["contrastive", "momentum", "attention", "linear_ce", "cots_step", "sigmoid"]
 
 
 def _modules(args: argparse.Namespace) -> int:

@@ -84,7 +84,7 @@ def compiled_kernels() -> list[dict[str, Any]]:
     import importlib
 
     out = []
-    for op in ("contrastive", "linear_ce", "mha", "momentum"):
+    for op in ("contrastive", "linear_ce", "mha", "momentum", "sigmoid"):
         try:
             module = importlib.import_module(f"cots_kernels.{op}.triton_kernels")
         except ImportError:
