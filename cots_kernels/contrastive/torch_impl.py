@@ -21,10 +21,11 @@ from .. import _library
 from . import ops, rows
 from .problem import ContrastiveProblem, RowOptions
 
-# Elements of one (B, chunk) logits tile: 2^16 float32 (256 KiB) keeps a tile and the
-# few temporaries made from it in a core's L2 cache. ``python -m benchmarks.sweep_chunks``
-# measures the choice at ALBEF's shape (benchmarks/results/cpu_chunk_sweep.json).
-CHUNK_ELEMENTS = 1 << 16
+# Elements of one (B, chunk) logits tile: 2^17 float32 (512 KiB). At ALBEF's shape
+# ``python -m benchmarks.sweep_chunks`` found 2^17 and 2^18 equally fast and smaller
+# tiles slower (more, thinner matrix products); of the two, the smaller tile
+# (benchmarks/results/cpu_chunk_sweep.json).
+CHUNK_ELEMENTS = 1 << 17
 
 
 def why_not(problem: ContrastiveProblem, auto: bool) -> str | None:

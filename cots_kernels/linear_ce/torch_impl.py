@@ -29,12 +29,12 @@ import torch
 from .. import _checks, _library
 from .problem import LinearCEProblem
 
-# Rows per chunk: about CHUNK_ELEMENTS logits (2^23 float32, 32 MiB: 1,024 rows at
-# V = 8,192) but at least MIN_CHUNK_ROWS, the rows split evenly over the chunks. Thin
+# Rows per chunk: about CHUNK_ELEMENTS logits (2^21 float32, 8 MiB: 256 rows at
+# V = 8,192) but at least MIN_CHUNK_ROWS, the rows split evenly over the chunks. Thinner
 # chunks are slower on a CPU (small matrix products run below peak, and every chunk's
-# parallel regions wait for all cores): ``python -m benchmarks.sweep_chunks`` measures
-# the choice (benchmarks/results/cpu_chunk_sweep.json).
-CHUNK_ELEMENTS = 1 << 23
+# parallel regions wait for all cores), thicker ones no faster: ``python -m
+# benchmarks.sweep_chunks`` measures the choice (benchmarks/results/cpu_chunk_sweep.json).
+CHUNK_ELEMENTS = 1 << 21
 MIN_CHUNK_ROWS = 256
 
 
