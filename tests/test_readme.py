@@ -161,6 +161,10 @@ class StandIns:
     def logit_scale(self) -> torch.Tensor:
         return torch.tensor(1 / 0.07, requires_grad=True)
 
+    @functools.cached_property
+    def logit_bias(self) -> torch.Tensor:
+        return torch.tensor(-10.0, requires_grad=True)  # SigLIP's initial bias
+
     # ---- momentum machinery: towers mapping images (B, 3, 8, 8) and texts (B, 6) to (B, 256)
     @functools.cached_property
     def image_encoder(self) -> nn.Module:
