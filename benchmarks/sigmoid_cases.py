@@ -88,3 +88,18 @@ def loss_step(loss: Callable, inputs: list[torch.Tensor]) -> Callable[[], tuple[
         return (out.detach(), *torch.autograd.grad(out, inputs))
 
     return step
+
+
+def siglip_kernel_loss() -> Callable | None:
+    """siglip-kernel's ``fused_siglip_loss`` (its default backend for the GPU and dtype), or
+    None where it is not installed. It takes the log of the scale, as its models store it;
+    the gradient reaches ``scale`` through that log."""
+    try:
+        from siglip_kernel import fused_siglip_loss
+    except ImportError:
+        return None
+
+    def loss(image, text, scale, bias):
+        return fused_siglip_loss(image, text, scale.log(), bias)
+
+    return loss

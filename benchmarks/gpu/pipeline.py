@@ -219,7 +219,8 @@ if torch.cuda.is_available():
     p = torch.cuda.get_device_properties(0)
     info["gpu"] = {"name": p.name, "capability": f"{p.major}.{p.minor}", "sms": p.multi_processor_count,
                    "memory_gib": round(p.total_memory / 2**30, 1)}
-for name in ("triton", "numpy", "inf-cl", "liger-kernel", "cut-cross-entropy", "pytest", "timm", "transformers"):
+for name in ("triton", "numpy", "inf-cl", "liger-kernel", "cut-cross-entropy", "siglip-kernel", "pytest", "timm",
+             "transformers"):
     try:
         info[name] = md.version(name)
     except md.PackageNotFoundError:

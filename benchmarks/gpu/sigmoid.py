@@ -6,7 +6,8 @@ time, peak CUDA memory beyond the inputs, and the error against the float64 trut
 our kernels (``impl="auto"``: Triton on a GPU), the chunked PyTorch path, the
 materialised reference, ``torch.compile`` of the reference, and open_clip's
 ``SigLipLoss``, materialised and chunked (its multi-rank algorithm in one process, text
-blocks of 4,096; see ``benchmarks.sigmoid_cases``), where open-clip-torch is installed.
+blocks of 4,096; see ``benchmarks.sigmoid_cases``), where open-clip-torch is installed,
+and siglip-kernel's fused Triton loss, where its wheel is carried.
 
 The truth is the chunked PyTorch path in float64 (tested against the reference in
 ``tests/sigmoid``): the materialised float64 logits of B = 65,536 would take 34 GB.
@@ -30,6 +31,7 @@ from benchmarks.sigmoid_cases import (
     open_clip_loss_module,
     open_clip_materialised,
     ours,
+    siglip_kernel_loss,
 )
 
 from . import perf_model
@@ -37,8 +39,11 @@ from .cases import Case, Emit, guarded, max_error, measure_passes, skip, wanted
 
 # Measurement order: ours, then the peers, torch.compile last (its compile takes the most
 # of a case's time limit; a case stopped at the limit keeps the others).
-IMPLS = ("ours_auto", "reference", "open_clip", "open_clip_chunked", "torch_chunked", "reference_compiled")
-CUDA_ONLY = ("reference_compiled",)  # torch.compile on a CPU: minutes, not a measure
+IMPLS = (
+    "ours_auto", "reference", "open_clip", "open_clip_chunked", "siglip_kernel", "torch_chunked", "reference_compiled",
+)  # fmt: skip
+# torch.compile on a CPU: minutes, not a measure; siglip-kernel launches compiled Triton only.
+CUDA_ONLY = ("reference_compiled", "siglip_kernel")
 OPEN_CLIP_BLOCK = 4096
 
 
@@ -51,7 +56,7 @@ def _case(batch: int, dtype: str, dim: int = DIM, limit_s: float = 120) -> Case:
         priority="more",
         limit_s=limit_s,
         impls=IMPLS,
-        versus=("reference", "open_clip", "open_clip_chunked", "reference_compiled"),
+        versus=("reference", "open_clip", "open_clip_chunked", "siglip_kernel", "reference_compiled"),
         params={"batch": batch, "dim": dim, "dtype": dtype},
         work=perf_model.sigmoid(batch, batch, dim, dtype),
     )
@@ -90,6 +95,8 @@ def _losses(device: torch.device, names: Sequence[str]) -> dict[str, Callable | 
             found[name] = None if module is None else open_clip_materialised(module)
         elif name == "open_clip_chunked":
             found[name] = None if module is None else open_clip_chunked(module, OPEN_CLIP_BLOCK)
+        elif name == "siglip_kernel":
+            found[name] = siglip_kernel_loss()
     return found
 
 
