@@ -21,36 +21,15 @@ from .distributed import all_gather_rows
 INITS = ("random", "zeros")
 
 
-def ring_write_(buffer: torch.Tensor, rows: torch.Tensor, ptr: int) -> int:
-    """Write ``rows`` into ``buffer`` from slot ``ptr`` on, wrapping around; return the next slot.
-
-    The result equals writing the rows one at a time at ``(ptr + r) % size``: with more
-    rows than slots, only the last ``size`` rows survive, where sequential writes leave
-    them. At most two slice copies, in place.
-
-    Args:
-        buffer: (size, ...) ring storage.
-        rows: (n, ...) new entries, any n >= 0; cast to ``buffer``'s dtype.
-        ptr: the next slot to write, in [0, size).
-    """
-    size, n = buffer.shape[0], rows.shape[0]
-    if n >= size:
-        rows, ptr, n = rows[n - size :], (ptr + n - size) % size, size
-    first = min(n, size - ptr)
-    buffer[ptr : ptr + first].copy_(rows[:first])
-    if first < n:
-        buffer[: n - first].copy_(rows[first:])
-    return (ptr + n) % size
-
-
 @_library.custom_op("ring_enqueue", mutates_args=("buffers", "ptr", "count"))
 def ring_enqueue(buffers: list[torch.Tensor], rows: list[torch.Tensor], ptr: torch.Tensor, count: torch.Tensor) -> None:
     """Write ``rows[i]`` into ``buffers[i]`` from slot ``ptr`` on, wrapping around; advance
     ``ptr`` to the next slot and ``count`` by the rows, all in place on the device.
 
-    :func:`ring_write_` with the pointer a tensor: the slots are computed on the device
-    and the rows written with ``index_copy_``, so that nothing is read on the host and a
-    compiled step takes the pointer as data, not as a constant it would recompile for.
+    The result equals writing the rows one at a time at ``(ptr + r) % size``. The slots
+    are computed on the device and the rows written with ``index_copy_``, so that nothing
+    is read on the host and a compiled step takes the pointer as data, not as a constant
+    it would recompile for.
 
     Args:
         buffers: (size, ...) ring storages of one size, written alike (index-aligned queues).

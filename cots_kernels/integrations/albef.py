@@ -19,7 +19,7 @@ from torch import nn
 
 from ..contrastive import cots_contrastive_loss
 from ..distributed import all_gather_rows
-from ..queues import ring_write_
+from ..queues import ring_enqueue
 
 EMPTY_IDX = -100
 """What ALBEF's ``idx_queue`` holds in slots never written."""
@@ -101,6 +101,8 @@ class ITCLoss(nn.Module):
         self.register_buffer("image_queue", nn.functional.normalize(torch.randn(embed_dim, queue_size), dim=0))
         self.register_buffer("text_queue", nn.functional.normalize(torch.randn(embed_dim, queue_size), dim=0))
         self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
+        # ring_enqueue also counts the rows written; ALBEF keeps no such count, so it is not saved.
+        self.register_buffer("_rows_enqueued", torch.zeros((), dtype=torch.long), persistent=False)
         self.has_idx_queue = idx_queue
         if idx_queue:
             self.register_buffer("idx_queue", torch.full((1, queue_size), EMPTY_IDX, dtype=torch.long))
@@ -192,12 +194,12 @@ class ITCLoss(nn.Module):
         image, text, idx = self._pending
         self._pending = None
         rows = all_gather_rows(torch.cat([image, text], dim=1).to(self.image_queue.dtype), self.process_group)
-        ptr = int(self.queue_ptr)
-        ring_write_(self.image_queue.T, rows[:, : self.embed_dim], ptr)
-        end = ring_write_(self.text_queue.T, rows[:, self.embed_dim :], ptr)
+        buffers, new = [self.image_queue.T, self.text_queue.T], [rows[:, : self.embed_dim], rows[:, self.embed_dim :]]
         if idx is not None:
-            ring_write_(self.idx_queue.T, all_gather_rows(idx[:, None], self.process_group), ptr)
-        self.queue_ptr[0] = end
+            buffers.append(self.idx_queue.T)
+            new.append(all_gather_rows(idx[:, None], self.process_group))
+        # Slots computed on the device from queue_ptr: the enqueue reads nothing on the host.
+        ring_enqueue(buffers, new, self.queue_ptr[0], self._rows_enqueued)
 
     def load_albef_state_dict(self, state_dict: Mapping[str, torch.Tensor], prefix: str = "") -> None:
         """Load ``temp`` and the queues from an ALBEF or BLIP model state dict.

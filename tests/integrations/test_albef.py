@@ -30,7 +30,7 @@ def batch(step: int, dtype: torch.dtype = torch.float64, rows: int = BATCH) -> t
 
 def albef_state(itc: ITCLoss) -> dict[str, torch.Tensor]:
     """ALBEF's model state (queues, pointer, temp) starting where ``itc`` starts."""
-    state = {name: buffer.clone() for name, buffer in itc.named_buffers()}
+    state = {name: value.clone() for name, value in itc.state_dict().items() if name != "temp"}
     state["temp"] = torch.nn.Parameter(itc.temp.detach().clone())
     return state
 
@@ -105,6 +105,19 @@ def test_albef_buffer_names_and_layout_and_the_op_reads_them_in_place(monkeypatc
     itc(*batch(0, torch.float32))
     for queue, buffer in zip(seen["queues"], (itc.image_queue, itc.text_queue)):
         assert queue.shape == (QUEUE, DIM) and queue.data_ptr() == buffer.data_ptr()  # a view, no copy
+
+
+def test_the_enqueue_reads_nothing_on_the_host():
+    # A host read of queue_ptr would break the graph, and fullgraph=True raises on a break.
+    itc = ITCLoss(DIM, QUEUE)
+    state = albef_state(itc)
+    enqueue = torch.compile(itc.enqueue_pending, backend="eager", fullgraph=True)
+    for step in range(4):  # 16 rows through 12 slots: the pointer wraps
+        _, _, image_m, text_m = batch(step, torch.float32)
+        itc(*batch(step, torch.float32))
+        enqueue()
+        dequeue_and_enqueue(state, image_m, text_m, None)
+        assert torch.equal(itc.image_queue, state["image_queue"]) and torch.equal(itc.queue_ptr, state["queue_ptr"])
 
 
 def test_eval_mode_forwards_leave_the_queues_alone():

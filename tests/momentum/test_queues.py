@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from cots_kernels import cots_contrastive_loss
-from cots_kernels.queues import PairedQueue, ring_write_
+from cots_kernels.queues import PairedQueue, ring_enqueue
 
 
 class PythonRing:
@@ -49,12 +49,13 @@ def test_contents_match_a_python_ring_through_wrap_arounds(dtype):
     assert queue.filled == size and queue.enqueued == sum(batches)
 
 
-def test_ring_write_returns_the_next_slot():
-    buffer = torch.zeros(4, 1)
-    assert ring_write_(buffer, torch.tensor([[1.0], [2.0], [3.0]]), 2) == 1
-    assert buffer.flatten().tolist() == [3.0, 0.0, 1.0, 2.0]
-    assert ring_write_(buffer, torch.arange(10.0).unsqueeze(1), 1) == 3
-    assert buffer.flatten().tolist() == [7.0, 8.0, 9.0, 6.0]
+def test_ring_enqueue_wraps_and_advances_the_pointer_and_count():
+    buffer, ptr, count = torch.zeros(4, 1), torch.tensor(2), torch.tensor(0)
+    ring_enqueue([buffer], [torch.tensor([[1.0], [2.0], [3.0]])], ptr, count)
+    assert buffer.flatten().tolist() == [3.0, 0.0, 1.0, 2.0] and int(ptr) == 1 and int(count) == 3
+    # More rows than slots: the last four survive where one-at-a-time writes leave them.
+    ring_enqueue([buffer], [torch.arange(10.0).unsqueeze(1)], torch.tensor(1), count)
+    assert buffer.flatten().tolist() == [7.0, 8.0, 9.0, 6.0] and int(count) == 13
 
 
 def test_queues_are_the_buffers_and_filled_counts_real_keys():
