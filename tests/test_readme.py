@@ -18,6 +18,7 @@ import ast
 import builtins
 import functools
 import inspect
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -375,3 +376,19 @@ def test_filter_warm_up_is_as_described():
         assert amf(torch.tensor([0.9, -0.9])).tolist() == [1.0, 1.0]
     amf(torch.tensor([0.9, 0.9]))  # full
     assert amf(torch.tensor([0.9, -0.9])).tolist() == [1.0, 0.0]
+
+
+def test_demo_numbers_are_the_recorded_run():
+    """The demo's table and shares in the README are those of benchmarks/results/demo_cpu.json."""
+    run = json.loads((README.parent / "benchmarks" / "results" / "demo_cpu.json").read_text())
+    metrics, best = run["metrics"], run["best_possible_r1"]
+    for name, d in (("image -> text", "i2t"), ("text -> image", "t2i")):
+        row = next(line for line in TEXT.splitlines() if line.startswith(f"| {name} |"))
+        cells = [cell.strip() for cell in row.strip("|").split("|")][1:]
+        recalls = [f"{metrics[f'{d}_r{k}']:.1f}%" for k in (1, 5, 10)]
+        ratio = f"{metrics[f'{d}_r1'] / metrics[f'{d}_r1_chance']:.0f}x"
+        assert cells == [*recalls, f"{metrics[f'{d}_r1_chance']:.2f}%", f"{best[d]:.1f}%", ratio], name
+    prose = " ".join(TEXT.split())
+    assert f"measured: {run['train_seconds']:.0f} s of training for {run['config']['steps']:,} steps" in prose
+    for name, share in run["top_image_agreement"].items():
+        assert f"{share:.1f}%" in prose, name

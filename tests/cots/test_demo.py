@@ -115,6 +115,43 @@ def test_best_recall_by_hand():
     assert best["i2t"] == pytest.approx(100 * 2.5 / 3)
 
 
+def test_top_image_agreement_by_hand():
+    def obj(shape, color, size):
+        return ShapeObject(shape, color, size, x=10.0, y=10.0, radius=4.0)
+
+    caption = CaptionMeaning((Mention("circle", "red", "small"), Mention("square", "blue", None)), "left of")
+    scenes = [
+        Scene((obj("circle", "red", "small"), obj("square", "blue", "large")), "left of"),  # fits
+        Scene((obj("square", "red", "small"), obj("circle", "blue", "small")), "left of"),  # shapes swapped
+        Scene((obj("square", "blue", "large"), obj("circle", "red", "large")), "left of"),  # blue on the left
+        Scene((obj("triangle", "red", "small"),), None),  # one object
+    ]
+    meanings = [[caption], [], [], []]
+    agree = {i: demo.top_image_agreement(scenes, meanings, [i]) for i in range(4)}
+    assert agree[0] == dict.fromkeys(agree[0], 100.0)
+    # Same colours, sizes, shape count and relation of the colours; the shapes sit on the wrong objects.
+    assert agree[1] == {"colours": 100.0, "sizes": 100.0, "shapes": 100.0, "relation": 100.0, "everything": 0.0}
+    assert agree[2] == {"colours": 100.0, "sizes": 0.0, "shapes": 100.0, "relation": 0.0, "everything": 0.0}
+    # One object: wrong count, so wrong colours and shapes, but its red object is small as stated.
+    assert agree[3] == {"colours": 0.0, "sizes": 100.0, "shapes": 0.0, "relation": 0.0, "everything": 0.0}
+    one = [[CaptionMeaning((Mention("circle", "red", None),), None)], [], [], []]
+    only = demo.top_image_agreement(scenes, one, [3])  # no size stated, no relation: nothing to count
+    assert only["colours"] == 100.0 and only["shapes"] == 0.0
+    assert math.isnan(only["sizes"]) and math.isnan(only["relation"])
+    with pytest.raises(ValueError, match="1 captions"):
+        demo.top_image_agreement(scenes, meanings, [0, 1])
+    with pytest.raises(ValueError, match="image indices"):
+        demo.top_image_agreement(scenes, meanings, [4])
+
+
+def test_every_caption_agrees_with_its_own_image():
+    dataset = ShapesDataset(40, split="test", seed=1, captions_per_image=CAPTIONS)
+    scenes = [dataset.attributes(i) for i in range(len(dataset))]
+    meanings = [dataset.caption_meanings(i) for i in range(len(dataset))]
+    owners = [i for i, captions in enumerate(meanings) for _ in captions]
+    assert demo.top_image_agreement(scenes, meanings, owners) == dict.fromkeys(demo._VIEWS, 100.0)
+
+
 def test_quick_demo_writes_summary_and_plot(tmp_path, capsys):
     optional_module("matplotlib")
     assert demo.main(["--quick", "--steps", "6", "--out", str(tmp_path), "--device", "cpu"]) == 0
@@ -134,9 +171,13 @@ def test_quick_demo_writes_summary_and_plot(tmp_path, capsys):
     best = _brute_force_best(test_set)
     assert summary["best_possible_r1"] == pytest.approx(best, rel=1e-12)
     assert summary["history"] and {"itc", "mlm", "mvm", "kl"} <= set(summary["history"][-1])
+    agreement = summary["top_image_agreement"]
+    assert set(agreement) == {"colours", "sizes", "shapes", "relation", "everything"}
+    assert metrics["t2i_r1"] <= agreement["everything"] <= min(agreement.values())  # R@1 hits fit their caption
     assert (tmp_path / "demo.png").stat().st_size > 1000
     out = capsys.readouterr().out
     assert "text -> image" in out and f"{best['t2i']:.1f}%" in out and f"{best['i2t']:.1f}%" in out
+    assert f"everything {agreement['everything']:.1f}%" in out
     # `make demo` twice: the second run starts afresh in the same folder.
     assert demo.main(["--quick", "--steps", "3", "--out", str(tmp_path), "--device", "cpu"]) == 0
     assert json.loads((tmp_path / "summary.json").read_text())["config"]["steps"] == 3
