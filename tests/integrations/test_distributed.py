@@ -69,7 +69,7 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
             )
 
         itc = ITCLoss(DIM, ITC_QUEUE, temp=0.1).double()
-        state = {name: b.clone() for name, b in itc.named_buffers()}
+        state = {name: value.clone() for name, value in itc.state_dict().items() if name != "temp"}
         losses = []
         for step in range(ITC_STEPS):
             image, text, image_m, text_m = _itc_features(step, rank)
