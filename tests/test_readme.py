@@ -392,3 +392,5 @@ def test_demo_numbers_are_the_recorded_run():
     assert f"measured: {run['train_seconds']:.0f} s of training for {run['config']['steps']:,} steps" in prose
     for name, share in run["top_image_agreement"].items():
         assert f"{share:.1f}%" in prose, name
+    for knows, partial in run["best_r1_knowing"].items():
+        assert f"{partial['i2t']:.1f}% / {partial['t2i']:.1f}%" in prose, knows

@@ -115,6 +115,51 @@ def test_best_recall_by_hand():
     assert best["i2t"] == pytest.approx(100 * 2.5 / 3)
 
 
+def test_best_recall_of_partial_knowledge_by_hand():
+    def obj(shape, color, size):
+        return ShapeObject(shape, color, size, x=10.0, y=10.0, radius=4.0)
+
+    scenes = [
+        Scene((obj("circle", "red", "small"),), None),
+        Scene((obj("square", "red", "small"),), None),
+        Scene((obj("circle", "red", "small"), obj("square", "blue", "large")), "left of"),
+        Scene((obj("square", "blue", "large"), obj("circle", "red", "small")), "left of"),  # the other way round
+    ]
+    pair = (Mention("circle", "red", None), Mention("square", "blue", None))
+    meanings = [
+        [CaptionMeaning((Mention("circle", "red", None),), None)],
+        [CaptionMeaning((Mention("square", "red", "small"),), None)],
+        [CaptionMeaning(pair, "left of")],
+        [CaptionMeaning(pair, "right of")],
+    ]
+    everything = demo.best_recall_at_1(scenes, meanings)
+    assert everything == demo.best_recall_at_1(scenes, meanings, demo.ATTRIBUTES) == {"i2t": 100.0, "t2i": 100.0}
+    # Blind to shape: the two one-object images tie for both their captions. Images 2 and 3
+    # still differ in which colour is on the left.
+    no_shape = demo.best_recall_at_1(scenes, meanings, ("colour", "size", "relation"))
+    assert no_shape == {"t2i": pytest.approx(100 * 3 / 4), "i2t": pytest.approx(100 * 3 / 4)}
+    # Blind to relations: images 2 and 3 tie as well; the one-object images do not.
+    no_relation = demo.best_recall_at_1(scenes, meanings, ["colour", "size", "shape"])
+    assert no_relation == {"t2i": pytest.approx(100 * 3 / 4), "i2t": pytest.approx(100 * 3 / 4)}
+    # Colours only: the one-object captions fit images 0 and 1, the two-object ones 2 and 3.
+    assert demo.best_recall_at_1(scenes, meanings, {"colour"}) == {"i2t": 50.0, "t2i": 50.0}
+    # Knowing nothing, a caption fits every image with as many objects.
+    assert demo.best_recall_at_1(scenes, meanings, ()) == {"i2t": 50.0, "t2i": 50.0}
+    with pytest.raises(ValueError, match="'colours'"):
+        demo.best_recall_at_1(scenes, meanings, ("colours",))
+
+
+def test_each_attribute_known_raises_the_best_recall():
+    dataset = ShapesDataset(120, split="test", seed=2, captions_per_image=CAPTIONS)
+    scenes = [dataset.attributes(i) for i in range(len(dataset))]
+    meanings = [dataset.caption_meanings(i) for i in range(len(dataset))]
+    everything = demo.best_recall_at_1(scenes, meanings)
+    colour_size = demo.best_recall_at_1(scenes, meanings, ("colour", "size"))
+    for knows in demo.KNOWLEDGE[1:]:
+        more = demo.best_recall_at_1(scenes, meanings, knows)
+        assert colour_size["t2i"] < more["t2i"] < everything["t2i"]
+
+
 def test_top_image_agreement_by_hand():
     def obj(shape, color, size):
         return ShapeObject(shape, color, size, x=10.0, y=10.0, radius=4.0)
@@ -171,6 +216,7 @@ def test_quick_demo_writes_summary_and_plot(tmp_path, capsys):
     test_set = ShapesDataset(images, split="test", seed=summary["config"]["seed"], captions_per_image=CAPTIONS)
     best = _brute_force_best(test_set)
     assert summary["best_possible_r1"] == pytest.approx(best, rel=1e-12)
+    assert list(summary["best_r1_knowing"]) == ["colour+size", "colour+size+relation", "colour+size+shape"]
     assert summary["history"] and {"itc", "mlm", "mvm", "kl"} <= set(summary["history"][-1])
     agreement = summary["top_image_agreement"]
     assert set(agreement) == {"colours", "sizes", "shapes", "relation", "everything"}
@@ -179,6 +225,8 @@ def test_quick_demo_writes_summary_and_plot(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "text -> image" in out and f"{best['t2i']:.1f}%" in out and f"{best['i2t']:.1f}%" in out
     assert f"everything {agreement['everything']:.1f}%" in out
+    colour_size = summary["best_r1_knowing"]["colour+size"]
+    assert f"knows only colour+size {colour_size['i2t']:.1f}% / {colour_size['t2i']:.1f}%" in out
     # `make demo` twice: the second run starts afresh in the same folder.
     assert demo.main(["--quick", "--steps", "3", "--out", str(tmp_path), "--device", "cpu"]) == 0
     assert json.loads((tmp_path / "summary.json").read_text())["config"]["steps"] == 3
