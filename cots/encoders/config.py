@@ -70,6 +70,10 @@ class VisionConfig:
     Attributes:
         image_size: side of the square input image in pixels; a multiple of ``patch_size``.
         patch_size: side of the square patches.
+        patch_overlap: pixels the patch embedding sees beyond its patch on every side (a
+            ``patch_size + 2 * patch_overlap`` convolution kernel at stride ``patch_size``,
+            zero padded), so a token sees an object that its patch cuts. 0 is ViT's
+            non-overlapping patches, and the only value a timm checkpoint fits.
         in_chans: input channels.
         width: token width; a multiple of ``num_heads``.
         depth: number of transformer blocks.
@@ -84,6 +88,7 @@ class VisionConfig:
 
     image_size: int = 224
     patch_size: int = 16
+    patch_overlap: int = 0
     in_chans: int = 3
     width: int = 768
     depth: int = 12
@@ -102,6 +107,8 @@ class VisionConfig:
             raise ValueError(
                 f"{owner}.image_size ({self.image_size}) must be a multiple of patch_size ({self.patch_size})"
             )
+        if isinstance(self.patch_overlap, bool) or not isinstance(self.patch_overlap, int) or self.patch_overlap < 0:
+            raise ValueError(f"{owner}.patch_overlap must be a non-negative int, got {self.patch_overlap!r}")
         _check_heads(owner, self.width, self.num_heads)
         _check_positive_float(owner, "mlp_ratio", self.mlp_ratio)
         if self.mlp_hidden < 1:

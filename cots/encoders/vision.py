@@ -11,14 +11,18 @@ from .config import VisionConfig, check_attn_impl
 
 
 class PatchEmbed(nn.Module):
-    """Non-overlapping patches to tokens: a stride-``patch_size`` convolution (timm ``proj``).
+    """Patches to tokens: a stride-``patch_size`` convolution (timm ``proj``).
+
+    With ``overlap`` > 0 the kernel reaches ``overlap`` pixels into the neighbouring
+    patches on every side (zero padding at the border), so there is still one token per
+    patch, but each token also sees the edges of its neighbours.
 
     forward: images (B, C, H, W) -> (B, N, width), patches in row-major order.
     """
 
-    def __init__(self, patch_size: int, in_chans: int, width: int) -> None:
+    def __init__(self, patch_size: int, in_chans: int, width: int, overlap: int = 0) -> None:
         super().__init__()
-        self.proj = nn.Conv2d(in_chans, width, kernel_size=patch_size, stride=patch_size)
+        self.proj = nn.Conv2d(in_chans, width, kernel_size=patch_size + 2 * overlap, stride=patch_size, padding=overlap)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.proj(images).flatten(2).transpose(1, 2)
@@ -98,7 +102,7 @@ class VisionTransformer(nn.Module):
         self.width = config.width
         self.grid = config.grid
         self.num_patches = config.num_patches
-        self.patch_embed = PatchEmbed(config.patch_size, config.in_chans, config.width)
+        self.patch_embed = PatchEmbed(config.patch_size, config.in_chans, config.width, config.patch_overlap)
         self.cls_token = nn.Parameter(torch.empty(1, 1, config.width))
         self.pos_embed = nn.Parameter(torch.empty(1, 1 + self.num_patches, config.width))
         self.mask_token = nn.Parameter(torch.empty(1, 1, config.width))
@@ -125,8 +129,10 @@ class VisionTransformer(nn.Module):
             images: (B, C, H, W) floating point, C = ``config.in_chans``, H = W =
                 ``config.image_size``; the model's dtype unless autocast is on.
             patch_mask: (B, N) bool, True = masked: that patch's embedding is replaced by
-                ``mask_token`` before the position embeddings are added (BEiT). None (or
-                all False) masks nothing.
+                ``mask_token`` before the position embeddings are added (BEiT). With
+                ``config.patch_overlap`` > 0 the masked patches' pixels are also zeroed
+                first, so that the overlapping kernels of their neighbours cannot see
+                them. None (or all False) masks nothing.
 
         Returns:
             (B, 1 + N, width) after the final LayerNorm; row 0 is [CLS], rows 1.. the
@@ -138,10 +144,13 @@ class VisionTransformer(nn.Module):
             ValueError: wrong shapes, channels or image size.
         """
         self._check_images(images)
-        x = self.patch_embed(images)  # (B, N, W)
-        batch = x.shape[0]
+        batch = images.shape[0]
         if patch_mask is not None:
             self._check_patch_mask(patch_mask, batch)
+            if self.config.patch_overlap:
+                images = images.masked_fill(self._pixel_mask(patch_mask), 0.0)
+        x = self.patch_embed(images)  # (B, N, W)
+        if patch_mask is not None:
             x = torch.where(patch_mask.unsqueeze(-1), self.mask_token.to(x.dtype), x)
         # Cast the embedding parameters to the patch tokens' dtype so that under autocast
         # the residual stream keeps the conv's low-precision dtype instead of promoting.
@@ -151,6 +160,11 @@ class VisionTransformer(nn.Module):
         for block in self.blocks:
             x = block(x)
         return self.norm(x)
+
+    def _pixel_mask(self, patch_mask: torch.Tensor) -> torch.Tensor:
+        """(B, N) patch mask -> (B, 1, H, W) pixel mask, True on the masked patches' pixels."""
+        (rows, cols), p = self.grid, self.config.patch_size
+        return patch_mask.reshape(-1, rows, 1, cols, 1).expand(-1, rows, p, cols, p).reshape(-1, 1, rows * p, cols * p)
 
     def _check_images(self, images: torch.Tensor) -> None:
         if not isinstance(images, torch.Tensor):

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from cots.encoders import TextConfig, TextEncoder, VisionConfig, VisionTransformer
+from cots.encoders.vision import PatchEmbed
 
 # Smaller than the "tiny" presets so that every forward here takes milliseconds.
 VISION = VisionConfig.preset("tiny", image_size=16, width=32, depth=2, num_heads=2)
@@ -60,6 +61,8 @@ def test_preset_rejects_unknown_names_and_overrides(cls):
         (VisionConfig, dict(image_size=30, patch_size=4), "image_size"),
         (VisionConfig, dict(depth=0), "depth"),
         (VisionConfig, dict(patch_size=True), "patch_size"),
+        (VisionConfig, dict(patch_overlap=-1), "patch_overlap"),
+        (VisionConfig, dict(patch_overlap=1.5), "patch_overlap"),
         (VisionConfig, dict(dropout=1.0), "dropout"),
         (VisionConfig, dict(mlp_ratio=-1.0), "mlp_ratio"),
         (TextConfig, dict(width=100, num_heads=3), "width"),
@@ -116,7 +119,10 @@ def test_vision_shapes_and_names(vit):
     assert {f"blocks.1.{n}.weight" for n in block} <= names
 
 
-def test_vision_patch_mask(vit):
+@pytest.mark.parametrize("overlap", [0, 2])
+def test_vision_patch_mask(overlap):
+    torch.manual_seed(0)
+    vit = VisionTransformer(dataclasses.replace(VISION, patch_overlap=overlap)).eval()
     images = torch.randn(2, 3, 16, 16)
     none_masked = torch.zeros(2, 16, dtype=torch.bool)
     torch.testing.assert_close(vit(images, none_masked), vit(images), rtol=0, atol=0)
@@ -125,7 +131,8 @@ def test_vision_patch_mask(vit):
     mask[0, [0, 5]] = True
     mask[1, 15] = True
     # Changing only the masked patches' pixels leaves the output unchanged: they were
-    # replaced by mask_token. Patch 5 is row 1, column 1 of the 4x4 grid.
+    # replaced by mask_token, and with overlapping patches their pixels are hidden from
+    # their neighbours too. Patch 5 is row 1, column 1 of the 4x4 grid.
     altered = images.clone()
     altered[0, :, 0:4, 0:4] += 3.0
     altered[0, :, 4:8, 4:8] -= 2.0
@@ -137,6 +144,20 @@ def test_vision_patch_mask(vit):
     with torch.no_grad():
         vit.mask_token.add_(1.0)
     assert not torch.allclose(vit(images, mask), before)
+
+
+def test_vision_patch_overlap_sees_the_neighbours_edges():
+    images = torch.randn(1, 3, 16, 16)
+    right_edge = images.clone()
+    right_edge[..., 0:4, 4] += 1.0  # the column of patch 1 next to patch 0
+    far = images.clone()
+    far[..., 0:4, 7] += 1.0  # patch 1's far column, 3 px beyond patch 0
+    for overlap, sees_edge in ((0, False), (2, True)):
+        embed = PatchEmbed(4, 3, 8, overlap)
+        assert embed(images).shape == (1, 16, 8)
+        token0 = embed(images)[0, 0]
+        assert torch.equal(embed(right_edge)[0, 0], token0) is not sees_edge
+        torch.testing.assert_close(embed(far)[0, 0], token0, rtol=0, atol=0)
 
 
 def test_vision_attention_implementations_agree():
