@@ -220,7 +220,10 @@ def test_quick_demo_writes_summary_and_plot(tmp_path, capsys):
     assert summary["history"] and {"itc", "mlm", "mvm", "kl"} <= set(summary["history"][-1])
     agreement = summary["top_image_agreement"]
     assert set(agreement) == {"colours", "sizes", "shapes", "relation", "everything"}
-    assert metrics["t2i_r1"] <= agreement["everything"] <= min(agreement.values())  # R@1 hits fit their caption
+    assert metrics["t2i_r1"] <= agreement["everything"]  # R@1 hits fit their caption
+    # Colours and shapes are shares of every caption, as "everything" is; the sizes and
+    # relation shares count only the captions that state them, so they can be lower.
+    assert agreement["everything"] <= min(agreement["colours"], agreement["shapes"])
     assert (tmp_path / "demo.png").stat().st_size > 1000
     out = capsys.readouterr().out
     assert "text -> image" in out and f"{best['t2i']:.1f}%" in out and f"{best['i2t']:.1f}%" in out
