@@ -54,6 +54,9 @@ class COTSConfig:
         amf_k: the filter's threshold is mean - k * std of its similarity queue.
         amf_warmup_steps: steps before the filter drops anything.
         visual_vocab_size: the visual tokenizer's vocabulary (8,192 for DALL-E's dVAE).
+        kmeans_centre: the k-means visual tokenizer that training builds clusters
+            mean-centred patches, so MVM targets code patterns rather than colours
+            (:class:`cots.tokenizers.KMeansPatchTokenizer`'s ``centre``).
         itc_weight, mlm_weight, mvm_weight: weights of the instance-level (with KL),
             masked-language and masked-vision losses in the total; 0 skips a term's
             computation entirely.
@@ -84,6 +87,7 @@ class COTSConfig:
     amf_k: float = 2.0
     amf_warmup_steps: int = 1000
     visual_vocab_size: int = 8192
+    kmeans_centre: bool = False
     itc_weight: float = 1.0
     mlm_weight: float = 1.0
     mvm_weight: float = 1.0
@@ -121,6 +125,8 @@ class COTSConfig:
             raise ValueError(f"temperature must be positive and finite, got {self.temperature!r}")
         if self.itc_weight == self.mlm_weight == self.mvm_weight == 0:
             raise ValueError("at least one of itc_weight, mlm_weight, mvm_weight must be > 0")
+        if not isinstance(self.kmeans_centre, bool):
+            raise TypeError(f"kmeans_centre must be a bool, got {type(self.kmeans_centre).__name__}")
         for name in ("vision_weights", "text_weights"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, str):

@@ -89,12 +89,15 @@ def _torch_kmeans(x: torch.Tensor, k: int, niter: int, seed: int) -> torch.Tenso
 
 
 class KMeansPatchTokenizer(nn.Module):
-    """Patch ids from a k-means codebook over raw patch pixels.
+    """Patch ids from a k-means codebook over patch pixels.
 
-    Patches are clustered as they are, not mean-centred or normalised per patch: colour
-    is much of what a patch shows (and what the synthetic captions talk about), and a
-    centred codebook would spend its ids on texture only. Fit on images normalised the
-    same way as the ones later tokenized.
+    By default patches are clustered as they are, so the ids code mostly a patch's colour
+    and how much of it an object covers. With ``centre=True`` each patch's mean is taken
+    out of each channel first (for fitting and for assigning), so the ids code the
+    patch's pattern (edges, corners, curves) and every patch of one flat colour gets the
+    same id: masked vision modelling then asks the encoder for the outlines of objects
+    rather than their colours, which the captions teach anyway. Fit on images normalised
+    the same way as the ones later tokenized.
 
     The centroids are a buffer, so they travel with ``state_dict`` / checkpoints; load them
     into a tokenizer built with the same ``vocab_size``, ``patch_size`` and ``in_chans``.
@@ -103,16 +106,21 @@ class KMeansPatchTokenizer(nn.Module):
         vocab_size: number of centroids (ids).
         patch_size: side of the square patches; must match the vision encoder's.
         in_chans: image channels.
+        centre: cluster mean-centred patches (see above). A codebook fitted with one
+            setting is only meaningful with the same setting.
     """
 
-    def __init__(self, vocab_size: int, patch_size: int, *, in_chans: int = 3):
+    def __init__(self, vocab_size: int, patch_size: int, *, in_chans: int = 3, centre: bool = False):
         super().__init__()
         for name, value in (("vocab_size", vocab_size), ("patch_size", patch_size), ("in_chans", in_chans)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if not isinstance(centre, bool):
+            raise TypeError(f"centre must be a bool, got {type(centre).__name__}")
         self.vocab_size = vocab_size
         self.patch_size = patch_size
         self.in_chans = in_chans
+        self.centre = centre
         self.register_buffer("centroids", torch.zeros(vocab_size, in_chans * patch_size**2))
         self.register_buffer("fitted", torch.tensor(False))
         # A host-side mirror of the buffer: once it is True, forward checks it without a
@@ -134,7 +142,7 @@ class KMeansPatchTokenizer(nn.Module):
             raise ValueError(f"niter must be a positive int, got {niter!r}")
         if not isinstance(max_patches, int) or max_patches < self.vocab_size:
             raise ValueError(f"max_patches must be an int >= vocab_size ({self.vocab_size}), got {max_patches!r}")
-        x = patchify(images.detach().float().cpu(), self.patch_size).reshape(-1, self.centroids.shape[1])
+        x = self._features(images.detach().float().cpu()).reshape(-1, self.centroids.shape[1])
         if x.shape[0] < self.vocab_size:
             raise ValueError(f"{x.shape[0]} patches cannot fit {self.vocab_size} centroids; pass more images")
         if x.shape[0] > max_patches:
@@ -158,6 +166,16 @@ class KMeansPatchTokenizer(nn.Module):
         self._is_fitted = True
         return self
 
+    def _features(self, images: torch.Tensor) -> torch.Tensor:
+        """What is clustered: (B, C, H, W) -> (B, N, C * p * p), patchified and, with
+        ``centre``, minus each patch's per-channel mean."""
+        x = patchify(images, self.patch_size)
+        if not self.centre:
+            return x
+        b, n, _ = x.shape
+        x = x.reshape(b, n, self.in_chans, -1)
+        return (x - x.mean(-1, keepdim=True)).reshape(b, n, -1)
+
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Nearest-centroid id per patch: images (B, C, H, W) -> LongTensor (B, N)."""
@@ -168,7 +186,7 @@ class KMeansPatchTokenizer(nn.Module):
                 "KMeansPatchTokenizer is not fitted: call fit(images) or load a state_dict that holds fitted centroids"
             )
         _check_images(images, self.patch_size, self.in_chans)
-        x = patchify(images.to(self.centroids.dtype), self.patch_size)
+        x = self._features(images.to(self.centroids.dtype))
         b, n, d = x.shape
         return _nearest(x.reshape(b * n, d), self.centroids).reshape(b, n)
 

@@ -65,9 +65,13 @@ def tokenizer_sample(dataset: Dataset, count: int, seed: int) -> torch.Tensor:
 
 
 def build_visual_tokenizer(config: COTSConfig, device: torch.device | str = "cpu") -> KMeansPatchTokenizer:
-    """An unfitted k-means patch tokenizer of ``config.visual_vocab_size`` entries on ``device``."""
+    """An unfitted k-means patch tokenizer of ``config.visual_vocab_size`` entries on ``device``,
+    centring patches as ``config.kmeans_centre`` says."""
     vision = config.vision_config()
-    return KMeansPatchTokenizer(config.visual_vocab_size, vision.patch_size, in_chans=vision.in_chans).to(device)
+    tokenizer = KMeansPatchTokenizer(
+        config.visual_vocab_size, vision.patch_size, in_chans=vision.in_chans, centre=config.kmeans_centre
+    )
+    return tokenizer.to(device)
 
 
 def fit_visual_tokenizer(

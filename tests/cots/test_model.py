@@ -155,6 +155,8 @@ def test_bad_configuration_and_inputs_raise():
         COTSConfig(size="huge")
     with pytest.raises(ValueError, match="at least one"):
         _config(itc_weight=0.0, mlm_weight=0.0, mvm_weight=0.0)
+    with pytest.raises(TypeError, match="kmeans_centre"):
+        _config(kmeans_centre="yes")
     with pytest.raises(ValueError, match="visual_tokenizer"):
         COTSModel(_config(), None, VOCAB)
     with pytest.raises(ValueError, match="vocab_size"):

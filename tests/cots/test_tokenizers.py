@@ -210,6 +210,33 @@ def test_kmeans_tokenizer_torch_fallback(monkeypatch):
     _check_kmeans(tok, images)
 
 
+def _square_patches(colours: list[tuple[float, float, float]], corner: bool) -> torch.Tensor:
+    """One 4x4 patch per colour on a dark background: a full patch of it, or only its
+    top-left 2x2 corner. (len(colours), 3, 4, 4)."""
+    images = torch.full((len(colours), 3, 4, 4), -1.0)
+    for image, colour in zip(images, colours):
+        image[:, : 2 if corner else 4, : 2 if corner else 4] = torch.tensor(colour)[:, None, None]
+    return images
+
+
+def test_kmeans_tokenizer_centre_codes_patterns_not_colours():
+    colours = [(1.0, -0.5, -0.5), (-0.5, 1.0, -0.5), (-0.5, -0.5, 1.0), (1.0, 1.0, -0.5)]
+    flat, corners = _square_patches(colours, corner=False), _square_patches(colours, corner=True)
+    images = torch.cat([flat, corners])
+    for centre, same_flat in ((False, False), (True, True)):
+        tok = KMeansPatchTokenizer(2, 4, centre=centre).fit(images.repeat(4, 1, 1, 1), niter=10, seed=0)
+        ids = tok(images).squeeze(1)
+        # Centred, every flat patch is the same (all-zero) pattern, whatever its colour,
+        # and the corners form the other cluster; raw, the two clusters split by colour.
+        assert (ids[:4].unique().numel() == 1) is same_flat
+        if centre:
+            assert ids[4:].unique().numel() == 1 and ids[0] != ids[4]
+            patterns = tok.centroids.reshape(2, 3, 16)
+            torch.testing.assert_close(patterns.mean(-1), torch.zeros(2, 3), rtol=0, atol=1e-5)
+    with pytest.raises(TypeError, match="centre"):
+        KMeansPatchTokenizer(2, 4, centre=1)
+
+
 class _TinyEncoder(nn.Module):
     """Stride-4 conv: (B, 3, H, W) -> logits (B, 16, H/4, W/4)."""
 

@@ -235,6 +235,15 @@ def test_no_weight_decay_on_biases_norms_embeddings_tokens_and_temperature():
     assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
 
 
+def test_visual_tokenizer_follows_the_config():
+    from cots.training.factories import build_visual_tokenizer
+
+    for centre in (False, True):
+        config = COTSConfig(size="tiny", vision={"patch_size": 8}, visual_vocab_size=32, kmeans_centre=centre)
+        tokenizer = build_visual_tokenizer(config)
+        assert (tokenizer.vocab_size, tokenizer.patch_size, tokenizer.centre) == (32, 8, centre)
+
+
 def test_train_rejects_a_non_config():
     with pytest.raises(TypeError, match="config must be a TrainConfig"):
         train({"steps": 1})
