@@ -240,3 +240,16 @@ def test_demo_without_matplotlib_skips_only_the_plot(tmp_path, monkeypatch, caps
     assert demo.main(["--quick", "--steps", "2", "--out", str(tmp_path), "--device", "cpu"]) == 0
     assert (tmp_path / "summary.json").exists() and not (tmp_path / "demo.png").exists()
     assert "no plot" in capsys.readouterr().out
+
+
+def test_recorded_run_is_the_current_demo_and_reaches_its_aim():
+    """benchmarks/results/demo_cpu.json (``make demo-results``) was made by today's demo
+    config, and that run learned to R@1 >= 20% both ways within 4 minutes on 2 cores."""
+    from pathlib import Path
+
+    recorded = json.loads((Path(__file__).parents[2] / "benchmarks" / "results" / "demo_cpu.json").read_text())
+    config = demo.demo_config(Path("runs/demo"), demo.STEPS, "auto", quick=False)
+    assert recorded["config"] == json.loads(json.dumps(config.to_dict()))
+    assert recorded["machine"]["cpu_threads"] <= 2
+    assert recorded["train_seconds"] + recorded["eval_seconds"] < 240
+    assert min(recorded["metrics"]["i2t_r1"], recorded["metrics"]["t2i_r1"]) >= 20.0
