@@ -101,6 +101,9 @@ class KMeansPatchTokenizer(nn.Module):
 
     The centroids are a buffer, so they travel with ``state_dict`` / checkpoints; load them
     into a tokenizer built with the same ``vocab_size``, ``patch_size`` and ``in_chans``.
+    The ``centre`` setting travels with them (buffer ``centred``) and loading a codebook
+    into a tokenizer with the other setting raises; a state_dict saved without it is a
+    raw-pixel codebook.
 
     Args:
         vocab_size: number of centroids (ids).
@@ -123,9 +126,28 @@ class KMeansPatchTokenizer(nn.Module):
         self.centre = centre
         self.register_buffer("centroids", torch.zeros(vocab_size, in_chans * patch_size**2))
         self.register_buffer("fitted", torch.tensor(False))
+        self.register_buffer("centred", torch.tensor(centre))
         # A host-side mirror of the buffer: once it is True, forward checks it without a
         # device sync (the buffer may also be filled by load_state_dict or a broadcast).
         self._is_fitted = False
+
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ) -> None:
+        # A codebook fitted on centred patches assigns raw patches meaningless ids (and the
+        # other way round), so a mismatch must not load silently. Codebooks saved before
+        # the setting existed were all raw-pixel ones.
+        key = prefix + "centred"
+        saved = bool(state_dict[key]) if key in state_dict else False
+        if saved != self.centre:
+            error_msgs.append(
+                f"the codebook was fitted with centre={saved} but this KMeansPatchTokenizer has "
+                f"centre={self.centre}; build it with centre={saved}"
+            )
+        state_dict.setdefault(key, torch.tensor(saved))
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
 
     @torch.no_grad()
     def fit(

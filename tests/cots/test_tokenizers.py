@@ -237,6 +237,23 @@ def test_kmeans_tokenizer_centre_codes_patterns_not_colours():
         KMeansPatchTokenizer(2, 4, centre=1)
 
 
+def test_kmeans_tokenizer_state_dict_keeps_the_centre_setting():
+    images = _stripes(64)
+    centred = KMeansPatchTokenizer(8, 4, centre=True).fit(images, niter=10, seed=0)
+    state = centred.state_dict()
+    restored = KMeansPatchTokenizer(8, 4, centre=True)
+    restored.load_state_dict(state)
+    assert torch.equal(restored(images), centred(images))
+    with pytest.raises(RuntimeError, match="fitted with centre=True"):
+        KMeansPatchTokenizer(8, 4).load_state_dict(state)
+    # A codebook saved before the setting was recorded is a raw-pixel one.
+    raw = KMeansPatchTokenizer(8, 4).fit(images, niter=10, seed=0)
+    old = {k: v for k, v in raw.state_dict().items() if k != "centred"}
+    KMeansPatchTokenizer(8, 4).load_state_dict(old)
+    with pytest.raises(RuntimeError, match="fitted with centre=False"):
+        KMeansPatchTokenizer(8, 4, centre=True).load_state_dict(old)
+
+
 class _TinyEncoder(nn.Module):
     """Stride-4 conv: (B, 3, H, W) -> logits (B, 16, H/4, W/4)."""
 
